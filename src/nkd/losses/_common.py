@@ -1,0 +1,213 @@
+"""Shared input handling for every loss: shape/dtype/range validation, label parsing, reduction.
+
+All losses accept logits ``[..., C]`` and targets that are either hard labels (int64 ``[...]``)
+or soft labels (float ``[..., C]``, rows summing to 1). They flatten to ``[M, C]`` rows, compute
+one loss per row in float32 (float64 stays float64) with autocast disabled, and reduce:
+
+* ``"mean"``: ``Σ_valid loss_r / #valid`` (0 when no row is valid, never NaN),
+* ``"sum"``: ``Σ_valid loss_r``,
+* ``"none"``: the per-row losses with the leading shape ``[...]``; ignored rows are 0.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+REDUCTIONS = ("mean", "sum", "none")
+SOFT_LABEL_TOL = 1e-3
+
+
+@dataclass
+class Rows:
+    """Flattened view of a batch: ``logits`` ``[M, C]`` plus parsed labels.
+
+    ``index`` holds the class index of each row (argmax for soft labels; 0 for ignored rows so
+    it is always safe to gather with), ``valid`` marks rows that take part in the loss, and
+    ``soft`` holds the soft label rows (``None`` for hard labels).
+    """
+
+    logits: Tensor
+    index: Tensor
+    valid: Tensor
+    soft: Tensor | None
+    lead_shape: torch.Size
+
+    @property
+    def num_classes(self) -> int:
+        return self.logits.shape[-1]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other float type is computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def no_autocast(t: Tensor) -> AbstractContextManager:
+    """Disable autocast for the device type of ``t`` so the loss maths stays in float32."""
+    return torch.autocast(device_type=t.device.type, enabled=False)
+
+
+def check_logits(name: str, logits: Tensor, min_classes: int = 2) -> None:
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
+    if not logits.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor [..., C], got dtype {logits.dtype}")
+    if logits.dim() < 1:
+        raise ValueError(f"{name} must have shape [..., C], got a scalar")
+    if logits.shape[-1] < min_classes:
+        raise ValueError(
+            f"{name} must have at least {min_classes} classes in its last dimension, "
+            f"got shape {tuple(logits.shape)}"
+        )
+
+
+def check_pair(student: Tensor, teacher: Tensor, names=("student_logits", "teacher_logits")) -> None:
+    check_logits(names[0], student)
+    check_logits(names[1], teacher)
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"{names[1]} must have the same shape as {names[0]}: "
+            f"got {tuple(teacher.shape)} vs {tuple(student.shape)}"
+        )
+
+
+def check_positive(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+        raise ValueError(f"{name} must be a number > 0, got {value!r}")
+
+
+def check_nonnegative(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
+        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+
+
+def check_reduction(reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def parse_rows(logits: Tensor, target: Tensor, ignore_index: int = -100, name: str = "logits") -> Rows:
+    """Validate ``target`` against ``logits`` ``[..., C]`` and flatten both to rows.
+
+    Hard labels: integer tensor with shape ``logits.shape[:-1]``, values in ``[0, C)`` or
+    ``ignore_index``. Soft labels: floating tensor with the shape of ``logits``, entries ≥ 0 and
+    rows summing to 1 within ``1e-3``.
+    """
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    c = logits.shape[-1]
+    lead = logits.shape[:-1]
+    flat = logits.reshape(-1, c)
+    if target.is_floating_point():
+        if target.shape != logits.shape:
+            raise ValueError(
+                f"soft target must have the shape of {name} {tuple(logits.shape)} ([..., C]), "
+                f"got {tuple(target.shape)}"
+            )
+        soft = target.detach().reshape(-1, c).to(compute_dtype(logits.dtype))
+        if soft.numel():
+            if bool((soft < 0).any()) or not bool(torch.isfinite(soft).all()):
+                raise ValueError("soft target rows must be finite and non-negative")
+            err = (soft.sum(-1) - 1).abs().max()
+            if float(err) > SOFT_LABEL_TOL:
+                raise ValueError(
+                    f"soft target rows must sum to 1 (±{SOFT_LABEL_TOL}); worst row is off by {float(err):.3g}"
+                )
+        index = soft.argmax(-1)  # first index on ties
+        valid = torch.ones(flat.shape[0], dtype=torch.bool, device=logits.device)
+        return Rows(flat, index, valid, soft, lead)
+    if target.dtype == torch.bool or target.is_complex():
+        raise TypeError(f"target must be int64 class indices or float soft labels, got dtype {target.dtype}")
+    if target.shape != lead:
+        raise ValueError(
+            f"hard target must have shape {tuple(lead)} (the leading dims of {name} {tuple(logits.shape)}), "
+            f"got {tuple(target.shape)}"
+        )
+    t = target.reshape(-1).long()
+    valid = t != ignore_index
+    if t.numel():
+        bad = valid & ((t < 0) | (t >= c))
+        if bool(bad.any()):
+            first = int(t[bad][0])
+            raise ValueError(
+                f"target labels must lie in [0, {c}) or equal ignore_index={ignore_index}; found {first}"
+            )
+    index = torch.where(valid, t, torch.zeros_like(t))
+    return Rows(flat, index, valid, None, lead)
+
+
+def kl_terms(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """Elementwise ``p (log p - log q)`` with ``0·log 0 = 0``: no NaN where ``p`` underflows to 0
+    (a confident teacher) or where ``log q`` is −inf on a column that ``p`` leaves out."""
+    p = log_p.exp()
+    keep = p > 0
+    zero = torch.zeros_like(log_q)
+    return p * (torch.where(keep, log_p, zero) - torch.where(keep, log_q, zero))
+
+
+def log_softmax_without(x: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+    """Log-softmax over the columns of ``x`` ``[M, C]`` not in ``idx`` ``[M, k]`` (−inf on those),
+    and ``logsumexp`` over the kept columns ``[M, 1]``."""
+    xm = x.scatter(1, idx, float("-inf"))
+    lse = torch.logsumexp(xm, -1, keepdim=True)
+    return xm - lse, lse
+
+
+def zipf_labels(score: Tensor, drop: Tensor) -> Tensor:
+    """Zipf soft labels from a ranking: sort the ``C`` columns of ``score`` ``[M, C]`` descending
+    (stable: ties go to the lower class index), give position ``j`` (0-based) the value
+    ``1/(j+1)``, zero the columns in ``drop`` ``[M, k]`` and renormalize rows to sum to 1."""
+    m, c = score.shape
+    order = torch.sort(score, dim=-1, descending=True, stable=True).indices
+    zipf = 1.0 / torch.arange(1, c + 1, device=score.device, dtype=score.dtype)
+    out = torch.empty_like(score).scatter_(1, order, zipf.expand(m, c))
+    out.scatter_(1, drop, 0.0)
+    return out.div_(out.sum(-1, keepdim=True))
+
+
+def reduce_rows(per_row: Tensor, valid: Tensor | None, reduction: str, lead_shape: torch.Size) -> Tensor:
+    """Reduce per-row losses ``[M]`` (already 0 on ignored rows)."""
+    if reduction == "none":
+        return per_row.reshape(lead_shape)
+    if valid is None:
+        valid = torch.ones_like(per_row, dtype=torch.bool)
+    total = per_row.sum()
+    if reduction == "sum":
+        return total
+    count = valid.sum().clamp(min=1).to(per_row.dtype)
+    return total / count
+
+
+class _RowLossFn(torch.autograd.Function):
+    """Per-row losses ``[M]`` whose gradients w.r.t. up to two inputs were computed in forward.
+
+    Backward scales each saved per-row gradient ``[M, C]`` by the incoming ``[M]`` gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, loss: Tensor, a: Tensor, grad_a: Tensor, b: Tensor | None, grad_b: Tensor | None) -> Tensor:  # noqa: D102
+        ctx.save_for_backward(grad_a, grad_b)
+        return loss.clone()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: Tensor):  # noqa: D102
+        grad_a, grad_b = ctx.saved_tensors
+        g = g[:, None]
+        return None, grad_a * g, None, (None if grad_b is None else grad_b * g), None
+
+
+def row_loss_with_grad(
+    loss: Tensor, a: Tensor, grad_a: Tensor | None, b: Tensor | None = None, grad_b: Tensor | None = None
+) -> Tensor:
+    """Attach precomputed per-row gradients (``d loss_r / d a_r``, ``d loss_r / d b_r``) to ``loss``.
+
+    ``grad_a`` is ``None`` when no gradient is needed (then ``loss`` is returned as is).
+    """
+    if grad_a is None:
+        return loss
+    return _RowLossFn.apply(loss, a, grad_a, b, grad_b)

@@ -1,0 +1,161 @@
+r"""Self-KD baselines compared with USKD: label smoothing, Zipf's label smoothing, Tf-KD_reg.
+
+* Label smoothing (Szegedy et al., 2016), ``ε = 0.1``: cross-entropy with
+  ``q = (1-ε)·y + ε/C`` (the convention of ``torch.nn.CrossEntropyLoss(label_smoothing=ε)``).
+  It replaces CE in the objective.
+* Zipf's label smoothing (Liang et al., ECCV 2022), instance-wise form: rank the non-target
+  classes by the model's own detached logits (``rank_logits``, default ``logits``), give rank
+  ``r = 1..C-1`` the weight ``1/r``, normalize to ``ẑ`` and add
+  ``KL(ẑ ‖ softmax_{j≠t}(z))`` to CE. (The paper's dense variant ranks by per-location
+  argmax votes of the last feature map; pass those scores as ``rank_logits``.)
+* Tf-KD_reg (Yuan et al., CVPR 2020): a virtual teacher ``p^d = a·y + (1-a)(1-y)/(C-1)``
+  (``a`` = ``correct_prob``), softened as ``softmax(p^d/τ)``; the term is
+  ``KL(softmax(p^d/τ) ‖ softmax(z))`` summed over classes. The reference code averages KL over
+  all ``N·C`` elements and multiplies by ``multiplier``; that equals this per-row sum times
+  ``multiplier / C`` — set the method weight accordingly.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._common import (
+    check_logits,
+    check_positive,
+    check_reduction,
+    compute_dtype,
+    kl_terms,
+    log_softmax_without,
+    no_autocast,
+    parse_rows,
+    reduce_rows,
+    zipf_labels,
+)
+
+__all__ = [
+    "label_smoothing_loss",
+    "zipf_ls_loss",
+    "tfkd_loss",
+    "LabelSmoothingLoss",
+    "ZipfLSLoss",
+    "TfKDLoss",
+]
+
+
+def _label_rows(rows) -> Tensor:
+    """Rows of the label distribution ``y`` ``[M, C]`` (one-hot for hard labels)."""
+    if rows.soft is not None:
+        return rows.soft
+    y = torch.zeros_like(rows.logits, dtype=compute_dtype(rows.logits.dtype))
+    return y.scatter_(1, rows.index[:, None], 1.0)
+
+
+def label_smoothing_loss(
+    logits: Tensor, target: Tensor, *, epsilon: float = 0.1, reduction: str = "mean", ignore_index: int = -100
+) -> Tensor:
+    """Cross-entropy with ``q = (1-ε)·y + ε/C``; ``0 ≤ ε < 1``."""
+    check_logits("logits", logits)
+    if not isinstance(epsilon, (int, float)) or not 0 <= epsilon < 1:
+        raise ValueError(f"epsilon must lie in [0, 1), got {epsilon!r}")
+    check_reduction(reduction)
+    rows = parse_rows(logits, target, ignore_index)
+    with no_autocast(logits):
+        log_p = F.log_softmax(rows.logits.to(compute_dtype(logits.dtype)), -1)
+        q = _label_rows(rows).mul(1 - epsilon).add_(epsilon / rows.num_classes)
+        per_row = -(q * log_p).sum(-1)
+        per_row = torch.where(rows.valid, per_row, torch.zeros_like(per_row))
+        return reduce_rows(per_row, rows.valid, reduction, rows.lead_shape)
+
+
+def zipf_ls_loss(
+    logits: Tensor,
+    target: Tensor,
+    *,
+    rank_logits: Tensor | None = None,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+) -> Tensor:
+    """``KL(ẑ ‖ softmax_{j≠t}(z))`` with Zipf weights ``1/r`` over the non-target ranks."""
+    check_logits("logits", logits)
+    check_reduction(reduction)
+    if rank_logits is not None and rank_logits.shape != logits.shape:
+        raise ValueError(f"rank_logits must have the shape of logits {tuple(logits.shape)}, got {tuple(rank_logits.shape)}")
+    rows = parse_rows(logits, target, ignore_index)
+    dtype = compute_dtype(logits.dtype)
+    col = rows.index[:, None]
+    with no_autocast(logits):
+        z = rows.logits.to(dtype)
+        score = (z if rank_logits is None else rank_logits.reshape(z.shape)).detach().to(dtype)
+        # the target takes the last slot so the non-targets get ranks 1..C-1
+        zhat = zipf_labels(score.scatter(1, col, float("-inf")), col)
+        log_nt, _ = log_softmax_without(z, col)
+        per_row = kl_terms(zhat.log(), log_nt).sum(-1)
+        per_row = torch.where(rows.valid, per_row, torch.zeros_like(per_row))
+        return reduce_rows(per_row, rows.valid, reduction, rows.lead_shape)
+
+
+def tfkd_loss(
+    logits: Tensor,
+    target: Tensor,
+    *,
+    correct_prob: float = 0.99,
+    temperature: float = 20.0,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+) -> Tensor:
+    """Tf-KD_reg: ``KL(softmax(p^d/τ) ‖ softmax(z))`` with the virtual teacher ``p^d``."""
+    check_logits("logits", logits)
+    if not isinstance(correct_prob, (int, float)) or not 0 < correct_prob < 1:
+        raise ValueError(f"correct_prob must lie in (0, 1), got {correct_prob!r}")
+    check_positive("temperature", temperature)
+    check_reduction(reduction)
+    rows = parse_rows(logits, target, ignore_index)
+    c = rows.num_classes
+    with no_autocast(logits):
+        log_s = F.log_softmax(rows.logits.to(compute_dtype(logits.dtype)), -1)
+        y = _label_rows(rows)
+        virtual = correct_prob * y + (1 - correct_prob) / (c - 1) * (1 - y)
+        log_t = F.log_softmax(virtual / temperature, -1)
+        per_row = kl_terms(log_t, log_s).sum(-1)
+        per_row = torch.where(rows.valid, per_row, torch.zeros_like(per_row))
+        return reduce_rows(per_row, rows.valid, reduction, rows.lead_shape)
+
+
+class LabelSmoothingLoss(nn.Module):
+    """Module form of :func:`label_smoothing_loss`; ``forward(logits, target)``."""
+
+    def __init__(self, epsilon: float = 0.1, reduction: str = "mean", ignore_index: int = -100):
+        super().__init__()
+        self.kwargs = dict(epsilon=epsilon, reduction=reduction, ignore_index=ignore_index)
+        label_smoothing_loss(torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), **self.kwargs)  # validate
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        return label_smoothing_loss(logits, target, **self.kwargs)
+
+
+class ZipfLSLoss(nn.Module):
+    """Module form of :func:`zipf_ls_loss`; ``forward(logits, target, rank_logits=None)``."""
+
+    def __init__(self, reduction: str = "mean", ignore_index: int = -100):
+        super().__init__()
+        check_reduction(reduction)
+        self.kwargs = dict(reduction=reduction, ignore_index=ignore_index)
+
+    def forward(self, logits: Tensor, target: Tensor, rank_logits: Tensor | None = None) -> Tensor:
+        return zipf_ls_loss(logits, target, rank_logits=rank_logits, **self.kwargs)
+
+
+class TfKDLoss(nn.Module):
+    """Module form of :func:`tfkd_loss`; ``forward(logits, target)``."""
+
+    def __init__(self, correct_prob: float = 0.99, temperature: float = 20.0, reduction: str = "mean",
+                 ignore_index: int = -100):
+        super().__init__()
+        self.kwargs = dict(correct_prob=correct_prob, temperature=temperature, reduction=reduction,
+                           ignore_index=ignore_index)
+        tfkd_loss(torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), **self.kwargs)  # validate
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        return tfkd_loss(logits, target, **self.kwargs)
