@@ -1,0 +1,65 @@
+"""Model zoo: the CRD CIFAR benchmark models, official NKD/USKD CIFAR ResNets, and timm.
+
+``create_model(name, num_classes=100, checkpoint=None)``; names are listed in ``MODELS``
+(plus ``timm/<any timm model>``). Every model returns logits, or ``(logits, features)`` with
+``return_features=True`` (see :mod:`nkd.models.base`), and has ``weak_channels``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+from torch import nn
+
+from .checkpoint import load_weights
+from .cifar.mobilenetv2 import MobileNetV2
+from .cifar.resnet import RESNETS, CifarResNet
+from .cifar.resnetv2 import RESNETV2, ResNetV2
+from .cifar.shufflenet import ShuffleNetV1, ShuffleNetV2
+from .cifar.vgg import VGG, VGGS
+from .cifar.wrn import WRNS, WideResNet
+from .timm_adapter import TimmModel
+
+MODELS: dict[str, Callable[..., nn.Module]] = {}
+for _name, (_depth, _widths) in RESNETS.items():
+    MODELS[_name] = partial(CifarResNet, _depth, _widths)
+for _name, (_block, _blocks) in RESNETV2.items():
+    MODELS[_name] = partial(ResNetV2, _block, _blocks)
+for _name, (_depth, _k) in WRNS.items():
+    MODELS[_name] = partial(WideResNet, _depth, _k)
+for _name, _cfg in VGGS.items():
+    MODELS[_name] = partial(VGG, _cfg)
+MODELS["mobilenetv2"] = partial(MobileNetV2, 6, 0.5)
+MODELS["shufflev1"] = ShuffleNetV1
+MODELS["shufflev2"] = ShuffleNetV2
+
+TIMM_PREFIX = "timm/"
+
+
+def available_models() -> list[str]:
+    return sorted(MODELS) + [TIMM_PREFIX + "<name>"]
+
+
+def create_model(name: str, num_classes: int = 100, checkpoint: str | None = None, **kwargs) -> nn.Module:
+    """Build a model by name; ``checkpoint`` loads weights (``weights_only``) strictly.
+
+    A checkpoint may be a bare ``state_dict`` or a dict holding it under ``"model"``,
+    ``"state_dict"`` or ``"student"`` (RepDistiller/mdistiller/mmcls/nkd files), with or without a
+    DataParallel ``module.`` prefix. A mismatch raises ``ValueError`` listing the missing and
+    unexpected keys and the shape mismatches.
+    """
+    if not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+    if name.startswith(TIMM_PREFIX):
+        model = TimmModel(name[len(TIMM_PREFIX):], num_classes=num_classes, **kwargs)
+    elif name in MODELS:
+        model = MODELS[name](num_classes=num_classes, **kwargs)
+    else:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(sorted(MODELS))} or timm/<name>")
+    if checkpoint is not None:
+        load_weights(model, checkpoint)
+    return model
+
+
+__all__ = ["MODELS", "create_model", "available_models", "load_weights", "TimmModel"]

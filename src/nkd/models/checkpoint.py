@@ -1,0 +1,81 @@
+"""Loading model weights from the checkpoint files users already have."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+STATE_KEYS = ("model", "state_dict", "student")
+
+
+def extract_state_dict(obj: object, source: str = "checkpoint") -> dict[str, Tensor]:
+    """The model ``state_dict`` inside a loaded checkpoint object (see ``STATE_KEYS``)."""
+    if isinstance(obj, Mapping):
+        for key in STATE_KEYS:
+            if key in obj and isinstance(obj[key], Mapping):
+                return extract_state_dict(obj[key], source)
+        if obj and all(isinstance(v, Tensor) for v in obj.values()):
+            sd = dict(obj)
+            if all(k.startswith("module.") for k in sd):
+                sd = {k[len("module."):]: v for k, v in sd.items()}
+            return sd
+    raise ValueError(
+        f"{source} holds no state_dict: expected a mapping of tensors or a dict with one under {STATE_KEYS}"
+    )
+
+
+def describe_mismatch(model: nn.Module, sd: Mapping[str, Tensor]) -> str | None:
+    """Missing/unexpected keys and shape mismatches between ``model`` and ``sd`` (None if none)."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    shapes = [
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(sd))
+        if tuple(sd[k].shape) != tuple(own[k].shape)
+    ]
+    if not (missing or unexpected or shapes):
+        return None
+
+    def head(items: list[str]) -> str:
+        return ", ".join(items[:12]) + (f" … (+{len(items) - 12} more)" if len(items) > 12 else "")
+
+    parts = []
+    if missing:
+        parts.append(f"missing keys ({len(missing)}): {head(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys ({len(unexpected)}): {head(unexpected)}")
+    if shapes:
+        parts.append(f"shape mismatches ({len(shapes)}): {head(shapes)}")
+    return "; ".join(parts)
+
+
+def load_weights(model: nn.Module, checkpoint: str | os.PathLike | Mapping, *, allow_pickle: bool = False) -> nn.Module:
+    """Load weights strictly into ``model``; raise ``ValueError`` naming every mismatch.
+
+    ``allow_pickle=True`` is the explicit opt-in for files that ``weights_only`` loading rejects
+    (arbitrary pickles: only for files you trust).
+    """
+    source = "checkpoint"
+    if not isinstance(checkpoint, Mapping):
+        source = os.fspath(checkpoint)
+        if not os.path.isfile(source):
+            raise FileNotFoundError(f"checkpoint file not found: {source}")
+        try:
+            checkpoint = torch.load(source, map_location="cpu", weights_only=not allow_pickle)
+        except Exception as e:  # noqa: BLE001 - re-raised with the file named
+            hint = "" if allow_pickle else " (loaded with weights_only=True; pass allow_pickle=True only for trusted files)"
+            raise ValueError(f"cannot read checkpoint {source}: {e}{hint}") from e
+    sd = extract_state_dict(checkpoint, source)
+    target = model
+    inner = getattr(model, "model", None)  # timm wrapper: accept plain timm state_dicts
+    if inner is not None and not any(k.startswith("model.") for k in sd):
+        target = inner
+    problem = describe_mismatch(target, sd)
+    if problem:
+        raise ValueError(f"{source} does not fit {type(target).__name__}: {problem}")
+    target.load_state_dict(sd, strict=True)
+    return model

@@ -1,0 +1,174 @@
+"""nkd.models: the CRD zoo (forward, features, parameter counts, checkpoint keys), timm adapter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nkd.models import MODELS, create_model
+
+# Parameter counts at 100 classes. resnet8x4 / resnet32x4 are the figures the issue gives for
+# the RepDistiller/mdistiller implementations; the others match the "Params" columns of the
+# CRD/mdistiller tables (0.28M resnet20, 0.47M resnet32, 0.86M resnet56, 1.74M resnet110,
+# 2.26M wrn_40_2, 0.70M wrn_16_2, 0.57M wrn_40_1, 9.46M vgg13, 3.96M vgg8, 23.71M resnet50).
+PARAMS = {
+    "resnet8": 83_892, "resnet14": 181_108, "resnet20": 278_324, "resnet32": 472_756, "resnet44": 667_188,
+    "resnet56": 861_620, "resnet110": 1_736_564, "resnet8x4": 1_233_540, "resnet32x4": 7_433_860,
+    "wrn_16_1": 180_916, "wrn_16_2": 703_284, "wrn_40_1": 569_780, "wrn_40_2": 2_255_156,
+    "vgg8": 3_965_028, "vgg11": 9_277_284, "vgg13": 9_462_180, "vgg16": 14_774_436, "vgg19": 20_086_692,
+    "mobilenetv2": 812_836, "shufflev1": 949_258, "shufflev2": 1_355_528, "resnet50": 23_705_252,
+    "resnet18_cifar": 11_220_132, "resnet34_cifar": 21_328_292,
+}
+
+# Key names and shapes that checkpoints of the reference implementations carry.
+REFERENCE_KEYS = {
+    "resnet8x4": {"conv1.weight": (32, 3, 3, 3), "layer1.0.downsample.0.weight": (64, 32, 1, 1),
+                  "layer3.0.bn2.running_var": (256,), "fc.weight": (100, 256)},
+    "resnet56": {"layer1.8.conv2.weight": (16, 16, 3, 3), "layer2.0.downsample.1.weight": (32,),
+                 "fc.bias": (100,)},
+    "wrn_40_2": {"block1.layer.0.convShortcut.weight": (32, 16, 1, 1), "block3.layer.5.bn2.weight": (128,),
+                 "bn1.running_mean": (128,), "fc.weight": (100, 128)},
+    "vgg13": {"block0.0.weight": (64, 3, 3, 3), "block0.0.bias": (64,), "block0.4.running_mean": (64,),
+              "block4.3.weight": (512, 512, 3, 3), "classifier.weight": (100, 512)},
+    "vgg8": {"block0.1.num_batches_tracked": (), "block4.0.weight": (512, 512, 3, 3)},
+    "mobilenetv2": {"conv1.0.weight": (16, 3, 3, 3), "blocks.0.0.conv.0.weight": (16, 16, 1, 1),
+                    "blocks.6.0.conv.7.weight": (160,), "conv2.0.weight": (1280, 160, 1, 1),
+                    "classifier.0.weight": (100, 1280)},
+    "shufflev1": {"conv1.weight": (24, 3, 1, 1), "layer1.0.conv1.weight": (54, 24, 1, 1),
+                  "layer1.0.conv3.weight": (216, 18, 1, 1), "layer3.3.bn3.weight": (960,), "linear.weight": (100, 960)},
+    "shufflev2": {"layer1.0.conv5.weight": (58, 58, 1, 1), "layer1.1.conv1.weight": (58, 58, 1, 1),
+                  "conv2.weight": (1024, 464, 1, 1), "linear.weight": (100, 1024)},
+    "resnet50": {"layer1.0.shortcut.0.weight": (256, 64, 1, 1), "layer4.2.conv3.weight": (2048, 512, 1, 1),
+                 "linear.weight": (100, 2048)},
+    "resnet18_cifar": {"conv1.weight": (64, 3, 3, 3), "layer2.0.shortcut.0.weight": (128, 64, 1, 1),
+                       "linear.weight": (100, 512)},
+}
+
+WEAK = {"resnet8x4": 128, "resnet56": 32, "wrn_40_2": 64, "vgg13": 512, "mobilenetv2": 160, "shufflev1": 480,
+        "shufflev2": 232, "resnet50": 1024, "resnet18_cifar": 256, "resnet34_cifar": 256}
+
+
+def test_every_crd_name_is_registered():
+    crd = ("resnet8 resnet14 resnet20 resnet32 resnet44 resnet56 resnet110 resnet8x4 resnet32x4 wrn_16_1 wrn_16_2 "
+           "wrn_40_1 wrn_40_2 vgg8 vgg11 vgg13 vgg16 vgg19 mobilenetv2 shufflev1 shufflev2 resnet50").split()
+    assert set(crd) | {"resnet18_cifar", "resnet34_cifar"} == set(MODELS)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_zoo_forward_features_and_params(name):
+    torch.manual_seed(0)
+    m = create_model(name, num_classes=100).eval()
+    assert sum(p.numel() for p in m.parameters()) == PARAMS[name]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        logits = m(x)
+        logits2, feats = m(x, return_features=True)
+    assert logits.shape == (2, 100)
+    torch.testing.assert_close(logits, logits2)
+    assert feats["weak"].shape == (2, m.weak_channels)
+    assert feats["pooled"].shape[0] == 2 and feats["pooled"].dim() == 2
+    assert all(s.dim() == 4 and s.shape[0] == 2 for s in feats["stages"])
+    assert feats["stages"][m.weak_stage].shape[1] == m.weak_channels
+    if name in WEAK:
+        assert m.weak_channels == WEAK[name]
+    sd = m.state_dict()
+    for key, shape in REFERENCE_KEYS.get(name, {}).items():
+        assert tuple(sd[key].shape) == shape, key
+
+
+def test_num_classes_changes_the_head():
+    m = create_model("resnet8", num_classes=10)
+    assert m(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+
+
+@pytest.mark.parametrize("wrap", ["bare", "model", "module"])
+def test_checkpoint_round_trip_gives_identical_logits(tmp_path, wrap):
+    torch.manual_seed(1)
+    src = create_model("resnet8x4").eval()
+    for mod in src.modules():  # non-trivial BN statistics
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.1, 0.1)
+            mod.running_var.uniform_(0.5, 1.5)
+    sd = src.state_dict()
+    obj = {"bare": sd, "model": {"model": sd, "epoch": 240, "best_acc": 79.4},
+           "module": {"model": {"module." + k: v for k, v in sd.items()}}}[wrap]
+    path = tmp_path / "teacher.pth"
+    torch.save(obj, path)
+    torch.manual_seed(2)
+    dst = create_model("resnet8x4", checkpoint=str(path)).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(dst(x), src(x), rtol=0, atol=0)
+
+
+def test_wrong_checkpoint_lists_keys_and_shapes(tmp_path):
+    path = tmp_path / "w.pth"
+    torch.save({"model": create_model("resnet8").state_dict()}, path)
+    with pytest.raises(ValueError, match="missing keys") as e:
+        create_model("wrn_16_1", checkpoint=str(path))
+    assert "unexpected keys" in str(e.value) and "block1.layer.0" in str(e.value)
+    torch.save(create_model("resnet8", num_classes=10).state_dict(), path)
+    with pytest.raises(ValueError, match=r"shape mismatches.*fc.weight"):
+        create_model("resnet8", num_classes=100, checkpoint=str(path))
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        create_model("resnet8", checkpoint=str(tmp_path / "nope.pth"))
+
+
+def test_checkpoint_with_arbitrary_pickle_needs_opt_in(tmp_path):
+    import argparse
+
+    from nkd.models import load_weights
+
+    path = tmp_path / "pickle.pth"
+    sd = create_model("resnet8").state_dict()
+    torch.save({"model": sd, "opt": argparse.Namespace(lr=0.05)}, path)  # as training scripts often do
+    with pytest.raises(ValueError, match="weights_only"):
+        load_weights(create_model("resnet8"), path)
+    load_weights(create_model("resnet8"), path, allow_pickle=True)
+
+
+def test_unknown_model_is_an_error():
+    with pytest.raises(ValueError, match="unknown model 'resnet9'"):
+        create_model("resnet9")
+
+
+# ----------------------------------------------------------------------------- timm
+pytest.importorskip("timm")
+
+
+@pytest.mark.parametrize(
+    "name,size,weak",
+    [("resnet18", 64, 256), ("resnet50", 64, 1024), ("mobilenetv2_100", 64, 320), ("regnetx_016", 64, 408)],
+)
+def test_timm_cnn_weak_feature_is_the_stage_before_last(name, size, weak):
+    m = create_model("timm/" + name, num_classes=10).eval()
+    assert m.weak_channels == weak
+    x = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        logits, feats = m(x, return_features=True)
+        torch.testing.assert_close(logits, m(x))
+    assert feats["weak"].shape == (1, weak)
+
+
+def test_timm_swin_weak_feature():
+    m = create_model("timm/swin_tiny_patch4_window7_224", num_classes=10).eval()
+    assert m.weak_channels == 384
+    with torch.no_grad():
+        _, feats = m(torch.randn(1, 3, 224, 224), return_features=True)
+    assert feats["weak"].shape == (1, 384)
+
+
+def test_timm_vit_weak_feature_is_cls_token_after_half_the_blocks():
+    torch.manual_seed(0)
+    m = create_model("timm/deit_tiny_patch16_224", num_classes=10).eval()
+    assert m.weak_channels == 192 and m.weak_index == 5
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        logits, feats = m(x, return_features=True)
+        v = m.model
+        h = v._pos_embed(v.patch_embed(x))
+        h = v.norm_pre(v.patch_drop(h))
+        for blk in v.blocks[:6]:
+            h = blk(h)
+        torch.testing.assert_close(feats["weak"], h[:, 0])
+        torch.testing.assert_close(logits, m(x))
