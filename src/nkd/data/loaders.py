@@ -1,0 +1,107 @@
+"""Batch iterators.
+
+* :class:`DeviceLoader` — small datasets (CIFAR) held as uint8 on the training device and
+  augmented there in batches. Order and augmentation come from a CPU generator seeded by
+  ``(seed, epoch)``; a *global* batch of ``batch_size · world_size`` samples is drawn and rank
+  ``r`` takes its ``r``-th slice, so N processes see exactly the samples (and crops/flips) of one
+  process with the global batch.
+* :func:`folder_loader` — ImageNet-style ``train/``/``val/`` folders through torchvision's
+  ``ImageFolder`` and a ``DataLoader`` with workers (RandomResizedCrop + flip for training,
+  resize + center crop for evaluation), sharded with ``DistributedSampler``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from .augment import MixupCutmix, crop_flip_normalize, normalize_uint8
+from .datasets import ArrayDataset
+
+
+class DeviceLoader:
+    def __init__(self, ds: ArrayDataset, batch_size: int, *, train: bool, device: str | torch.device = "cpu",
+                 mean: Sequence[float], std: Sequence[float], pad: int = 4, flip: bool = True,
+                 mix: MixupCutmix | None = None, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 drop_last: bool | None = None, channels_last: bool = False):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = torch.device(device)
+        self.images = ds.images.to(self.device)
+        self.labels = ds.labels.to(self.device)
+        self.num_classes = ds.num_classes
+        self.batch_size, self.train, self.pad, self.flip = batch_size, train, pad, flip
+        self.mean, self.std, self.mix, self.seed = tuple(mean), tuple(std), mix, seed
+        self.rank, self.world_size = rank, world_size
+        self.drop_last = train if drop_last is None else drop_last
+        self.channels_last = channels_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        if not self.train:
+            return math.ceil(math.ceil(n / self.world_size) / self.batch_size)
+        gb = self.batch_size * self.world_size
+        return n // gb if self.drop_last else math.ceil(n / gb)
+
+    def _finish(self, x: Tensor) -> Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        n = len(self.labels)
+        if not self.train:
+            idx = torch.arange(self.rank, n, self.world_size, device=self.device)
+            for i in range(0, len(idx), self.batch_size):
+                b = idx[i:i + self.batch_size]
+                yield self._finish(normalize_uint8(self.images[b], self.mean, self.std)), self.labels[b]
+            return
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        perm = torch.randperm(n, generator=g)
+        gb = self.batch_size * self.world_size
+        for step in range(len(self)):
+            glob = perm[step * gb:(step + 1) * gb]
+            m = len(glob)
+            oy = torch.randint(0, 2 * self.pad + 1, (m,), generator=g)
+            ox = torch.randint(0, 2 * self.pad + 1, (m,), generator=g)
+            fl = torch.rand(m, generator=g) < 0.5 if self.flip else torch.zeros(m, dtype=torch.bool)
+            mix_seed = int(torch.randint(0, 2**62, (1,), generator=g))
+            per = math.ceil(m / self.world_size)
+            sl = slice(self.rank * per, (self.rank + 1) * per)
+            b = glob[sl].to(self.device)
+            x = crop_flip_normalize(self.images[b], oy[sl].to(self.device), ox[sl].to(self.device),
+                                    fl[sl].to(self.device), self.pad, self.mean, self.std)
+            y = self.labels[b]
+            if self.mix is not None:
+                x, y = self.mix(x, y, torch.Generator().manual_seed(mix_seed + self.rank))
+            yield self._finish(x), y
+
+
+def folder_loader(root: str, batch_size: int, *, train: bool, image_size: int = 224, num_workers: int = 4,
+                  rank: int = 0, world_size: int = 1, seed: int = 0, mean=(0.485, 0.456, 0.406),
+                  std=(0.229, 0.224, 0.225), pin_memory: bool = True):
+    """``DataLoader`` over ``torchvision.datasets.ImageFolder(root)`` with the standard ImageNet
+    transforms; returns ``(loader, sampler_or_None, classes)``."""
+    from torch.utils.data import DataLoader, DistributedSampler
+    from torchvision import datasets
+    from torchvision.transforms import v2
+
+    if train:
+        tf = [v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()]
+    else:
+        tf = [v2.Resize(int(round(image_size / 0.875)), antialias=True), v2.CenterCrop(image_size)]
+    tf += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    ds = datasets.ImageFolder(root, transform=v2.Compose(tf))
+    sampler = None
+    if world_size > 1:
+        sampler = DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=train, seed=seed, drop_last=train)
+    g = torch.Generator().manual_seed(seed)
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
+                        num_workers=num_workers, pin_memory=pin_memory, drop_last=train, generator=g,
+                        persistent_workers=num_workers > 0)
+    return loader, sampler, ds.classes
