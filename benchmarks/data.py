@@ -70,7 +70,7 @@ def bench_nkd(root: Path, bs: int, device: str, cache: Path) -> tuple[float, flo
     dl = DeviceLoader(ds, bs, train=True, device=device, mean=CIFAR10_MEAN, std=CIFAR10_STD)
     t0 = time.perf_counter()
     n = 0
-    for x, _ in dl:
+    for _batch in dl:
         n += 1
     if device == "cuda":
         torch.cuda.synchronize()
