@@ -59,11 +59,16 @@ def cifar_checksums(name: str) -> dict[str, str]:
     return {f: md5 for f, md5 in cls.train_list + cls.test_list} | {cls.meta["filename"]: cls.meta["md5"]}
 
 
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest() if path.is_file() else ""
+
+
 def load_cifar(root: str | os.PathLike, name: str = "cifar100", train: bool = True, download: bool = False,
-               checksums: dict[str, str] | None = None) -> ArrayDataset:
+               checksums: dict[str, str] | None = None, verify: bool = True) -> ArrayDataset:
     """CIFAR-10/100 from ``root/cifar-{10-batches,100}-py`` through torchvision's reader.
 
-    Files are verified against ``checksums`` (default: the official md5s). With ``download=True``
+    Files are verified against ``checksums`` (default: the official md5s; ``verify=False`` accepts
+    the files as they are, e.g. a re-pickled or subsampled copy). With ``download=True``
     torchvision fetches and verifies the archive; without network, the error names the file to
     fetch and where to put it.
     """
@@ -71,6 +76,8 @@ def load_cifar(root: str | os.PathLike, name: str = "cifar100", train: bool = Tr
         raise ValueError(f"name must be 'cifar10' or 'cifar100', got {name!r}")
     base = _torchvision_cifar(name)
     sums = checksums or cifar_checksums(name)
+    if not verify:
+        sums = {f: _md5(Path(root) / base.base_folder / f) for f in sums}
     attrs = {
         "train_list": [[f, sums[f]] for f, _ in base.train_list],
         "test_list": [[f, sums[f]] for f, _ in base.test_list],
@@ -161,10 +168,12 @@ def load_image_folder(root: str | os.PathLike, cache_dir: str | os.PathLike | No
 
 # ----------------------------------------------------------------------------- synthetic
 def synthetic(num_samples: int = 512, num_classes: int = 10, size: int = 32, seed: int = 0,
-              noise: float = 40.0) -> ArrayDataset:
-    """Learnable random images: each class has its own mean colour pattern plus noise."""
+              noise: float = 40.0, split: str = "train") -> ArrayDataset:
+    """Learnable random images: each class has its own mean colour pattern (fixed by ``seed``) plus
+    noise; ``split`` draws a different sample of the same classes."""
     g = torch.Generator().manual_seed(seed)
     protos = torch.rand(num_classes, size, size, 3, generator=g) * 255
+    g.manual_seed(seed * 7919 + {"train": 1, "test": 2}[split])
     labels = torch.randint(0, num_classes, (num_samples,), generator=g)
     imgs = protos[labels] + torch.randn(num_samples, size, size, 3, generator=g) * noise
     return ArrayDataset(imgs.clamp(0, 255).round().to(torch.uint8), labels, [f"class{i}" for i in range(num_classes)])

@@ -14,6 +14,8 @@ STATE_KEYS = ("model", "state_dict", "student")
 def extract_state_dict(obj: object, source: str = "checkpoint") -> dict[str, Tensor]:
     """The model ``state_dict`` inside a loaded checkpoint object (see ``STATE_KEYS``)."""
     if isinstance(obj, Mapping):
+        if isinstance(obj.get("trainable"), Mapping):  # nkd training checkpoint: student + weak head
+            return {k[len("student."):]: v for k, v in obj["trainable"].items() if k.startswith("student.")}
         for key in STATE_KEYS:
             if key in obj and isinstance(obj[key], Mapping):
                 return extract_state_dict(obj[key], source)

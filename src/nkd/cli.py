@@ -1,0 +1,148 @@
+"""Command line: ``nkd train | eval | export | demo | sweep | report``.
+
+Exit codes: 0 success, 1 a runtime failure (e.g. a non-finite loss), 2 bad input (config, CLI,
+paths) — reported before any training starts, every problem listed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+COMMANDS = {}
+
+
+def command(name: str, help: str):
+    def deco(fn):
+        COMMANDS[name] = (fn, help)
+        return fn
+
+    return deco
+
+
+def _bad_input(msg: str) -> int:
+    print(f"nkd: error: {msg}", file=sys.stderr)
+    return 2
+
+
+@command("train", "train a model from a YAML config (key=value overrides allowed)")
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .engine import Trainer
+
+    cfg = load_config(args.config, args.overrides, check_files=True)
+    Trainer(cfg, resume=args.resume).fit()
+    return 0
+
+
+def _train_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML experiment file")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=0.1 seed=3")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoints/last.pt")
+
+
+@command("eval", "evaluate a checkpoint on the config's evaluation split")
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from .config import load_config
+    from .data.build import build_loaders
+    from .engine.trainer import Trainer
+    from .models import create_model, load_weights
+
+    cfg = load_config(args.config, args.overrides, check_files=False)
+    path = Path(args.checkpoint)
+    if not path.is_file():
+        return _bad_input(f"--checkpoint: file not found: {path}")
+    device = torch.device("cuda" if cfg.train.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    model = create_model(cfg.model.name, cfg.model.num_classes)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        load_weights(model, load_file(str(path)))
+    else:
+        load_weights(model, path)
+    model.to(device)
+    ev = Trainer.__new__(Trainer)  # reuse the evaluation loop without building a training run
+    ev.cfg, ev.device, ev.amp_dtype = cfg, device, None
+    from .engine.distributed import DistInfo
+
+    ev.dist = DistInfo()
+    ev.loaders = build_loaders(cfg, device)
+    ev.trainable = None
+    result = ev.evaluate(model)
+    print(json.dumps({"checkpoint": str(path), **result}))
+    return 0
+
+
+def _eval_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--checkpoint", required=True, help="nkd checkpoint (.pt), exported .safetensors, or a state_dict")
+
+
+@command("export", "export the student of a run as safetensors")
+def cmd_export(args: argparse.Namespace) -> int:
+    from safetensors.torch import save_file
+
+    from .engine.checkpoint import load_checkpoint
+    from .models.checkpoint import extract_state_dict
+
+    run = Path(args.run_dir)
+    src = run / "checkpoints" / ("last.pt" if args.last else "best.pt")
+    if not src.is_file():
+        return _bad_input(f"no checkpoint at {src}")
+    ck = load_checkpoint(src)
+    sd = {k: v.contiguous() for k, v in extract_state_dict(ck, str(src)).items()}
+    out = Path(args.out) if args.out else run / "student.safetensors"
+    meta = {"model": str(ck["model_name"]), "num_classes": str(ck["num_classes"]), "method": str(ck["method"]),
+            "epoch": str(int(ck["epoch"]) + 1)}
+    save_file(sd, str(out), metadata=meta)
+    print(f"wrote {out} ({len(sd)} tensors, {meta})")
+    return 0
+
+
+def _export_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir")
+    p.add_argument("--last", action="store_true", help="export the last epoch instead of the best")
+    p.add_argument("--out", help="output file (default RUN_DIR/student.safetensors)")
+
+
+PARSERS = {"train": _train_parser, "eval": _eval_parser, "export": _export_parser}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    ap = argparse.ArgumentParser(prog="nkd", description="Normalized KD and Universal Self-KD for PyTorch")
+    ap.add_argument("--version", action="version", version=f"nkd {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True)
+    for name, (fn, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        PARSERS[name](p)
+        p.set_defaults(func=fn)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .config import ConfigError
+
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse already printed the usage error
+        return int(e.code or 0)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        return _bad_input(str(e))
+    except FileNotFoundError as e:
+        return _bad_input(str(e))
+    except KeyboardInterrupt:
+        print("nkd: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Build train/eval loaders from a :class:`~nkd.config.DataConfig`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .augment import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    CIFAR100_MEAN,
+    CIFAR100_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MixupCutmix,
+)
+from .datasets import ArrayDataset, load_cifar, load_image_folder, synthetic
+from .loaders import DeviceLoader, folder_loader
+
+DEFAULT_STATS = {
+    "cifar100": (CIFAR100_MEAN, CIFAR100_STD),
+    "cifar10": (CIFAR10_MEAN, CIFAR10_STD),
+    "image_folder_small": (CIFAR10_MEAN, CIFAR10_STD),
+    "imagenet_folder": (IMAGENET_MEAN, IMAGENET_STD),
+    "synthetic": ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
+}
+
+
+@dataclass
+class Loaders:
+    train: Any
+    eval: Any
+    num_classes: int
+    sampler: Any = None
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.train, "set_epoch"):
+            self.train.set_epoch(epoch)
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
+
+
+def _split_dir(root: Path, names: tuple[str, ...]) -> Path:
+    for n in names:
+        if (root / n).is_dir():
+            return root / n
+    raise FileNotFoundError(f"{root} has none of the sub-folders {names}")
+
+
+def load_arrays(d) -> tuple[ArrayDataset, ArrayDataset]:
+    """Train/eval arrays for the small-image datasets."""
+    if d.name == "synthetic":
+        kw = dict(num_classes=d.synthetic_classes, size=d.image_size, seed=d.synthetic_seed)
+        return synthetic(d.synthetic_samples, split="train", **kw), synthetic(max(d.synthetic_samples // 4, 8),
+                                                                                split="test", **kw)
+    if d.name in ("cifar10", "cifar100"):
+        root = d.root or "data"
+        kw = dict(download=d.download, verify=d.verify_checksums)
+        return load_cifar(root, d.name, train=True, **kw), load_cifar(root, d.name, train=False, **kw)
+    root = Path(d.root)
+    return (load_image_folder(_split_dir(root, ("train",)), cache_dir=d.cache_dir),
+            load_image_folder(_split_dir(root, ("test", "val")), cache_dir=d.cache_dir))
+
+
+def build_loaders(cfg, device: torch.device, rank: int = 0, world_size: int = 1) -> Loaders:
+    d = cfg.data
+    mean, std = DEFAULT_STATS[d.name]
+    mean, std = tuple(d.mean or mean), tuple(d.std or std)
+    if d.name == "imagenet_folder":
+        root = Path(d.root)
+        train, sampler, classes = folder_loader(str(_split_dir(root, ("train",))), d.batch_size, train=True,
+                                                image_size=d.image_size, num_workers=d.num_workers, rank=rank,
+                                                world_size=world_size, seed=cfg.seed, mean=mean, std=std)
+        ev, _, _ = folder_loader(str(_split_dir(root, ("val", "test"))), d.eval_batch_size, train=False,
+                                 image_size=d.image_size, num_workers=d.num_workers, rank=rank,
+                                 world_size=world_size, seed=cfg.seed, mean=mean, std=std)
+        return Loaders(train, ev, len(classes), sampler)
+    tr, te = load_arrays(d)
+    tr = tr.subset(d.train_subset, d.subset_seed)
+    mix = None
+    if d.mixup > 0 or d.cutmix > 0 or d.label_smoothing > 0:
+        mix = MixupCutmix(tr.num_classes, d.mixup, d.cutmix, label_smoothing=d.label_smoothing)
+    channels_last = cfg.train.channels_last
+    train = DeviceLoader(tr, d.batch_size, train=True, device=device, mean=mean, std=std, mix=mix, seed=cfg.seed,
+                         rank=rank, world_size=world_size, channels_last=channels_last)
+    ev = DeviceLoader(te, d.eval_batch_size, train=False, device=device, mean=mean, std=std, rank=rank,
+                      world_size=world_size, channels_last=channels_last)
+    return Loaders(train, ev, tr.num_classes)

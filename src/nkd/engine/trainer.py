@@ -1,0 +1,379 @@
+"""The training loop: one class for teachers, KD and self-KD, single process or torchrun.
+
+Run directory (``cfg.output_dir``), written by rank 0 only::
+
+    config.yaml            the resolved config of the run
+    metrics.jsonl          one JSON line per epoch (losses, lr, top-1/top-5, best so far, img/s)
+    train.log              the console log
+    tb/                    TensorBoard event files
+    checkpoints/last.pt    full training state after the last completed epoch (atomic)
+    checkpoints/best.pt    the same at the best top-1 epoch
+    summary.json           best/last top-1 and top-5 when training ends
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import Config, dump_config
+from ..data.build import build_loaders
+from ..methods import build_method
+from ..models import create_model
+from .checkpoint import load_checkpoint, rng_state, save_atomic, seed_everything, set_rng_state
+from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed
+from .schedule import lr_at
+
+log = logging.getLogger("nkd")
+
+
+class NonFiniteError(RuntimeError):
+    """A loss or gradient became NaN/Inf."""
+
+
+def resolve_device(name: str, info: DistInfo) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and info.enabled:
+        return torch.device("cuda", info.local_rank)
+    return torch.device(name)
+
+
+def param_groups(model: nn.Module, weight_decay: float, exclude_norm_bias: bool) -> list[dict[str, Any]]:
+    """All trainable parameters; with ``exclude_norm_bias`` biases and 1-D (norm) weights get wd 0."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if exclude_norm_bias and p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    o = cfg.optim
+    groups = param_groups(model, o.weight_decay, o.no_decay_norm_bias)
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas))
+
+
+class Trainer:
+    def __init__(self, cfg: Config, resume: bool = False):
+        self.cfg = cfg
+        self.dist = init_distributed("cuda" if cfg.train.device in ("cuda", "auto") and torch.cuda.is_available()
+                                     else "cpu")
+        self.device = resolve_device(cfg.train.device, self.dist)
+        seed_everything(cfg.seed)
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        self.run_dir = Path(cfg.output_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self._setup_logging()
+
+        self.loaders = build_loaders(cfg, self.device, self.dist.rank, self.dist.world_size)
+        if self.loaders.num_classes != cfg.model.num_classes:
+            raise ValueError(f"model.num_classes={cfg.model.num_classes} but the dataset has "
+                             f"{self.loaders.num_classes} classes")
+        student = create_model(cfg.model.name, cfg.model.num_classes, checkpoint=cfg.model.checkpoint,
+                               **cfg.model.kwargs)
+        teacher = None
+        if cfg.teacher is not None:
+            teacher = create_model(cfg.teacher.name, cfg.teacher.num_classes, checkpoint=cfg.teacher.checkpoint,
+                                   **cfg.teacher.kwargs)
+        self.method, self.trainable = build_method(cfg, student, teacher)
+        mf = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+        self.method.to(self.device, memory_format=mf)
+        self.trainable.to(self.device, memory_format=mf)
+        self.model: nn.Module = self.trainable
+        if self.dist.enabled and cfg.train.sync_bn:
+            if self.device.type != "cuda":
+                raise ValueError("train.sync_bn needs CUDA (SyncBatchNorm has no CPU kernel)")
+            self.trainable = nn.SyncBatchNorm.convert_sync_batchnorm(self.trainable)
+            self.model = self.trainable
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = nn.parallel.DistributedDataParallel(self.trainable, device_ids=ids)
+        self.forward = torch.compile(self.model) if cfg.train.compile else self.model
+        self.optimizer = build_optimizer(cfg, self.trainable)
+        self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.amp]
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.ema = None
+        if cfg.train.ema_decay:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            self.ema = AveragedModel(self.trainable.student, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay),
+                                     use_buffers=True)
+        self.start_epoch, self.global_step = 0, 0
+        self.best = {"top1": -1.0, "epoch": -1}
+        self.history: list[dict[str, Any]] = []
+        self.skipped_steps = 0
+        if resume:
+            self._resume()
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+        self.tb = self._tensorboard()
+
+    # ------------------------------------------------------------------ setup helpers
+    def _setup_logging(self) -> None:
+        log.setLevel(logging.INFO)
+        log.handlers.clear()
+        log.propagate = False
+        if not self.dist.is_main:
+            log.addHandler(logging.NullHandler())
+            return
+        fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+        console = logging.StreamHandler(sys.stdout)
+        console.setFormatter(fmt)
+        log.addHandler(console)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(self.run_dir / "train.log")
+        fh.setFormatter(fmt)
+        log.addHandler(fh)
+
+    def _tensorboard(self):
+        if not (self.dist.is_main and self.cfg.train.tensorboard):
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            log.info("tensorboard not installed: event files disabled (pip install 'nkd[train]')")
+            return None
+        return SummaryWriter(str(self.run_dir / "tb"), purge_step=self.global_step or None)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self, epoch: int) -> dict[str, Any]:
+        return {
+            "format": "nkd-train-v1",
+            "method": self.cfg.method.name,
+            "model_name": self.cfg.model.name,
+            "num_classes": self.cfg.model.num_classes,
+            "trainable": self.trainable.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ema": None if self.ema is None else self.ema.state_dict(),
+            "epoch": epoch,
+            "global_step": self.global_step,
+            "best": dict(self.best),
+            "history": json.dumps(self.history),
+            "rng": rng_state(),
+            "config": dump_config(self.cfg),
+        }
+
+    def save(self, epoch: int, is_best: bool) -> None:
+        if not self.dist.is_main:
+            return
+        state = self.state_dict(epoch)
+        save_atomic(state, self.ckpt_dir / "last.pt")
+        if is_best:
+            save_atomic(state, self.ckpt_dir / "best.pt")
+
+    def _resume(self) -> None:
+        path = self.ckpt_dir / "last.pt"
+        if not path.is_file():
+            log.info("no checkpoint at %s: starting from scratch", path)
+            return
+        ck = load_checkpoint(path)
+        for key, want in (("method", self.cfg.method.name), ("model_name", self.cfg.model.name),
+                          ("num_classes", self.cfg.model.num_classes)):
+            if ck.get(key) != want:
+                raise ValueError(f"cannot resume from {path}: it was written for {key}={ck.get(key)!r}, "
+                                 f"the config says {want!r}")
+        from ..models.checkpoint import describe_mismatch
+
+        problem = describe_mismatch(self.trainable, ck["trainable"])
+        if problem:
+            raise ValueError(f"cannot resume from {path}: {problem}")
+        self.trainable.load_state_dict(ck["trainable"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.scaler.load_state_dict(ck["scaler"])
+        if self.ema is not None and ck.get("ema") is not None:
+            self.ema.load_state_dict(ck["ema"])
+        self.start_epoch = int(ck["epoch"]) + 1
+        self.global_step = int(ck["global_step"])
+        self.best = dict(ck["best"])
+        self.history = json.loads(ck["history"])
+        set_rng_state(ck["rng"])
+        log.info("resumed from %s after epoch %d (step %d)", path, self.start_epoch - 1, self.global_step)
+
+    # ------------------------------------------------------------------ loop
+    def steps_per_epoch(self) -> int:
+        n = len(self.loaders.train)
+        cap = self.cfg.train.max_steps_per_epoch
+        return min(n, cap) if cap else n
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                              enabled=self.amp_dtype is not None)
+
+    def _last_good(self) -> str:
+        p = self.ckpt_dir / "last.pt"
+        return str(p) if p.is_file() else "none yet"
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        cfg = self.cfg
+        self.model.train()
+        self.method.train()
+        self.loaders.set_epoch(epoch)
+        steps = self.steps_per_epoch()
+        sums: dict[str, torch.Tensor] = {}
+        seen = 0
+        bar = None
+        if self.dist.is_main and cfg.train.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.schedule.epochs}", leave=False, dynamic_ncols=True,
+                       file=sys.stdout)
+        t0 = time.perf_counter()
+        params = [p for p in self.trainable.parameters() if p.requires_grad]
+        for i, (x, y) in enumerate(self.loaders.train):
+            if i >= steps:
+                break
+            x = x.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
+            lr = lr_at(cfg.optim.lr, cfg.schedule, epoch + i / steps)
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr
+            with self._autocast():
+                logits, weak = self.forward(x)
+                losses = self.method.losses(logits, weak, x, y, epoch)
+            total = sum(losses.values())
+            if not bool(torch.isfinite(total)):
+                bad = [k for k, v in losses.items() if not bool(torch.isfinite(v))]
+                if self._non_finite(f"loss term(s) {bad} became non-finite", epoch, i):
+                    continue
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(total).backward()
+            self.scaler.unscale_(self.optimizer)
+            clip = cfg.train.grad_clip if cfg.train.grad_clip else math.inf
+            gnorm = torch.nn.utils.clip_grad_norm_(params, clip)
+            if not bool(torch.isfinite(gnorm)) and not self.scaler.is_enabled():
+                if self._non_finite("gradient norm became non-finite", epoch, i):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    continue
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            if self.ema is not None:
+                self.ema.update_parameters(self.trainable.student)
+            self.global_step += 1
+            n = y.shape[0]
+            seen += n
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float() * n
+            if bar is not None:
+                bar.update(1)
+                if i % 10 == 0 or i == steps - 1:
+                    rate = seen * self.dist.world_size / max(time.perf_counter() - t0, 1e-9)
+                    bar.set_postfix(loss=f"{float(total.detach()):.3f}", lr=f"{lr:.4g}", img_s=f"{rate:.0f}")
+        if bar is not None:
+            bar.close()
+        elapsed = time.perf_counter() - t0
+        count = all_reduce_sum(torch.tensor([float(seen)], device=self.device), self.dist)
+        out = {}
+        for k, v in sums.items():
+            tot = all_reduce_sum(torch.as_tensor(v, device=self.device).reshape(1).clone(), self.dist)
+            out[k] = float(tot / count.clamp(min=1))
+        out["loss"] = sum(out.values())
+        out["lr"] = lr_at(cfg.optim.lr, cfg.schedule, epoch)
+        out["img_per_s"] = float(count) / max(elapsed, 1e-9)
+        return out
+
+    def _non_finite(self, what: str, epoch: int, step: int) -> bool:
+        """Stop (raise) or skip (return True) per ``train.nan_policy``."""
+        msg = (f"{what} at epoch {epoch + 1}, step {step} (global step {self.global_step}); "
+               f"last good checkpoint: {self._last_good()}")
+        if self.cfg.train.nan_policy == "skip":
+            self.skipped_steps += 1
+            log.info("skipping step: %s", msg)
+            return True
+        raise NonFiniteError(msg + " (set train.nan_policy=skip to skip such steps)")
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
+        model = model or self.trainable.student
+        was = model.training
+        model.eval()
+        stats = torch.zeros(4, device=self.device, dtype=torch.float64)  # correct1, correct5, n, loss_sum
+        for x, y in self.loaders.eval:
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with self._autocast():
+                logits = model(x)
+            logits = logits.float()
+            top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            stats[0] += (top5[:, 0] == y).sum()
+            stats[1] += (top5 == y[:, None]).any(1).sum()
+            stats[2] += y.numel()
+            stats[3] += torch.nn.functional.cross_entropy(logits, y, reduction="sum")
+        all_reduce_sum(stats, self.dist)
+        model.train(was)
+        n = max(float(stats[2]), 1.0)
+        return {"top1": 100 * float(stats[0]) / n, "top5": 100 * float(stats[1]) / n,
+                "eval_loss": float(stats[3]) / n, "eval_samples": int(stats[2])}
+
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg
+        epochs = cfg.schedule.epochs
+        log.info("run %s | method %s | student %s%s | %d epochs x %d steps | device %s x %d",
+                 self.run_dir, cfg.method.name, cfg.model.name,
+                 f" | teacher {cfg.teacher.name}" if cfg.teacher else "", epochs, self.steps_per_epoch(),
+                 self.device, self.dist.world_size)
+        for epoch in range(self.start_epoch, epochs):
+            row: dict[str, Any] = {"epoch": epoch + 1, **self.train_epoch(epoch)}
+            if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == epochs:
+                row.update(self.evaluate())
+                if self.ema is not None:
+                    row.update({f"ema_{k}": v for k, v in self.evaluate(self.ema.module).items()})
+            is_best = "top1" in row and row["top1"] > self.best["top1"]
+            if is_best:
+                self.best = {"top1": row["top1"], "top5": row["top5"], "epoch": epoch + 1}
+            row["best_top1"] = self.best["top1"]
+            row["global_step"] = self.global_step
+            if self.skipped_steps:
+                row["skipped_steps"] = self.skipped_steps
+            self.history.append(row)
+            self.save(epoch, is_best)
+            self._log_epoch(row)
+            barrier(self.dist)
+        return self.finish()
+
+    def _log_epoch(self, row: dict[str, Any]) -> None:
+        if not self.dist.is_main:
+            return
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "epoch":
+                    self.tb.add_scalar(k, v, row["epoch"])
+            self.tb.flush()
+        acc = f" | top1 {row['top1']:.2f} top5 {row['top5']:.2f} (best {row['best_top1']:.2f})" if "top1" in row else ""
+        log.info("epoch %d | loss %.4f | lr %.4g | %.0f img/s%s", row["epoch"], row["loss"], row["lr"],
+                 row["img_per_s"], acc)
+
+    def finish(self) -> dict[str, Any]:
+        last = next((r for r in reversed(self.history) if "top1" in r), {})
+        summary = {
+            "method": self.cfg.method.name, "student": self.cfg.model.name,
+            "teacher": self.cfg.teacher.name if self.cfg.teacher else None, "seed": self.cfg.seed,
+            "epochs": self.cfg.schedule.epochs, "best_top1": self.best.get("top1"),
+            "best_top5": self.best.get("top5"), "best_epoch": self.best.get("epoch"),
+            "last_top1": last.get("top1"), "last_top5": last.get("top5"), "world_size": self.dist.world_size,
+        }
+        if self.dist.is_main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            log.info("done: best top1 %.2f (epoch %s), last top1 %.2f", summary["best_top1"] or 0,
+                     summary["best_epoch"], summary["last_top1"] or 0)
+            if self.tb is not None:
+                self.tb.close()
+        return summary
