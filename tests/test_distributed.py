@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import write_config
 
+from helpers import write_config
 from nkd.config import load_config
 from nkd.engine import Trainer
 from nkd.engine.checkpoint import load_checkpoint

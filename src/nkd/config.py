@@ -31,12 +31,14 @@ class ConfigError(ValueError):
 class DataConfig:
     name: Literal["cifar100", "cifar10", "image_folder_small", "imagenet_folder", "synthetic"] = "cifar100"
     root: str | None = None
-    batch_size: int = 64
+    batch_size: int = 64  # per process
+    global_batch_size: int | None = None  # if set: batch_size = global_batch_size / world_size
     eval_batch_size: int = 256
     num_workers: int = 4
     image_size: int = 32
     train_subset: int | None = None
     subset_seed: int = 0
+    randaugment: bool = False  # ImageNet folders: torchvision RandAugment (m=9, n=2)
     mixup: float = 0.0
     cutmix: float = 0.0
     label_smoothing: float = 0.0
@@ -77,7 +79,7 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    name: Literal["multistep", "cosine", "constant"] = "multistep"
+    name: Literal["multistep", "cosine", "exponential", "linear", "constant"] = "multistep"
     epochs: int = 240
     milestones: list[int] = field(default_factory=lambda: [150, 180, 210])
     gamma: float = 0.1

@@ -35,6 +35,7 @@ class Loaders:
     eval: Any
     num_classes: int
     sampler: Any = None
+    mix: MixupCutmix | None = None  # applied by the trainer (folder loaders); DeviceLoader mixes itself
 
     def set_epoch(self, epoch: int) -> None:
         if hasattr(self.train, "set_epoch"):
@@ -65,26 +66,39 @@ def load_arrays(d) -> tuple[ArrayDataset, ArrayDataset]:
             load_image_folder(_split_dir(root, ("test", "val")), cache_dir=d.cache_dir))
 
 
+def per_process_batch(d, world_size: int) -> int:
+    if d.global_batch_size is None:
+        return d.batch_size
+    if d.global_batch_size % world_size:
+        raise ValueError(f"data.global_batch_size={d.global_batch_size} is not divisible by the {world_size} processes")
+    return d.global_batch_size // world_size
+
+
 def build_loaders(cfg, device: torch.device, rank: int = 0, world_size: int = 1) -> Loaders:
     d = cfg.data
+    batch = per_process_batch(d, world_size)
     mean, std = DEFAULT_STATS[d.name]
     mean, std = tuple(d.mean or mean), tuple(d.std or std)
     if d.name == "imagenet_folder":
         root = Path(d.root)
-        train, sampler, classes = folder_loader(str(_split_dir(root, ("train",))), d.batch_size, train=True,
+        train, sampler, classes = folder_loader(str(_split_dir(root, ("train",))), batch, train=True,
                                                 image_size=d.image_size, num_workers=d.num_workers, rank=rank,
-                                                world_size=world_size, seed=cfg.seed, mean=mean, std=std)
+                                                world_size=world_size, seed=cfg.seed, mean=mean, std=std,
+                                                randaugment=d.randaugment)
         ev, _, _ = folder_loader(str(_split_dir(root, ("val", "test"))), d.eval_batch_size, train=False,
                                  image_size=d.image_size, num_workers=d.num_workers, rank=rank,
                                  world_size=world_size, seed=cfg.seed, mean=mean, std=std)
-        return Loaders(train, ev, len(classes), sampler)
+        mix = None
+        if d.mixup > 0 or d.cutmix > 0 or d.label_smoothing > 0:
+            mix = MixupCutmix(len(classes), d.mixup, d.cutmix, label_smoothing=d.label_smoothing)
+        return Loaders(train, ev, len(classes), sampler, mix)
     tr, te = load_arrays(d)
     tr = tr.subset(d.train_subset, d.subset_seed)
     mix = None
     if d.mixup > 0 or d.cutmix > 0 or d.label_smoothing > 0:
         mix = MixupCutmix(tr.num_classes, d.mixup, d.cutmix, label_smoothing=d.label_smoothing)
     channels_last = cfg.train.channels_last
-    train = DeviceLoader(tr, d.batch_size, train=True, device=device, mean=mean, std=std, mix=mix, seed=cfg.seed,
+    train = DeviceLoader(tr, batch, train=True, device=device, mean=mean, std=std, mix=mix, seed=cfg.seed,
                          rank=rank, world_size=world_size, channels_last=channels_last)
     ev = DeviceLoader(te, d.eval_batch_size, train=False, device=device, mean=mean, std=std, rank=rank,
                       world_size=world_size, channels_last=channels_last)

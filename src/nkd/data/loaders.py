@@ -84,7 +84,7 @@ class DeviceLoader:
 
 def folder_loader(root: str, batch_size: int, *, train: bool, image_size: int = 224, num_workers: int = 4,
                   rank: int = 0, world_size: int = 1, seed: int = 0, mean=(0.485, 0.456, 0.406),
-                  std=(0.229, 0.224, 0.225), pin_memory: bool = True):
+                  std=(0.229, 0.224, 0.225), pin_memory: bool = True, randaugment: bool = False):
     """``DataLoader`` over ``torchvision.datasets.ImageFolder(root)`` with the standard ImageNet
     transforms; returns ``(loader, sampler_or_None, classes)``."""
     from torch.utils.data import DataLoader, DistributedSampler
@@ -93,6 +93,8 @@ def folder_loader(root: str, batch_size: int, *, train: bool, image_size: int = 
 
     if train:
         tf = [v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()]
+        if randaugment:
+            tf.append(v2.RandAugment(num_ops=2, magnitude=9))
     else:
         tf = [v2.Resize(int(round(image_size / 0.875)), antialias=True), v2.CenterCrop(image_size)]
     tf += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]

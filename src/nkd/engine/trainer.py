@@ -242,6 +242,9 @@ class Trainer:
                 break
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
+            if self.loaders.mix is not None:
+                g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.global_step * 131 + self.dist.rank)
+                x, y = self.loaders.mix(x, y, g)
             lr = lr_at(cfg.optim.lr, cfg.schedule, epoch + i / steps)
             for g in self.optimizer.param_groups:
                 g["lr"] = lr

@@ -20,6 +20,7 @@ from .cifar.shufflenet import ShuffleNetV1, ShuffleNetV2
 from .cifar.vgg import VGG, VGGS
 from .cifar.wrn import WRNS, WideResNet
 from .timm_adapter import TimmModel
+from .torchvision_adapter import TorchvisionModel
 
 MODELS: dict[str, Callable[..., nn.Module]] = {}
 for _name, (_depth, _widths) in RESNETS.items():
@@ -35,10 +36,11 @@ MODELS["shufflev1"] = ShuffleNetV1
 MODELS["shufflev2"] = ShuffleNetV2
 
 TIMM_PREFIX = "timm/"
+TV_PREFIX = "tv/"
 
 
 def available_models() -> list[str]:
-    return sorted(MODELS) + [TIMM_PREFIX + "<name>"]
+    return sorted(MODELS) + [TIMM_PREFIX + "<name>", TV_PREFIX + "<name>"]
 
 
 def create_model(name: str, num_classes: int = 100, checkpoint: str | None = None, **kwargs) -> nn.Module:
@@ -53,13 +55,15 @@ def create_model(name: str, num_classes: int = 100, checkpoint: str | None = Non
         raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
     if name.startswith(TIMM_PREFIX):
         model = TimmModel(name[len(TIMM_PREFIX):], num_classes=num_classes, **kwargs)
+    elif name.startswith(TV_PREFIX):
+        model = TorchvisionModel(name[len(TV_PREFIX):], num_classes=num_classes, **kwargs)
     elif name in MODELS:
         model = MODELS[name](num_classes=num_classes, **kwargs)
     else:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(sorted(MODELS))} or timm/<name>")
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(sorted(MODELS))} or timm/<name> or tv/<name>")
     if checkpoint is not None:
         load_weights(model, checkpoint)
     return model
 
 
-__all__ = ["MODELS", "create_model", "available_models", "load_weights", "TimmModel"]
+__all__ = ["MODELS", "create_model", "available_models", "load_weights", "TimmModel", "TorchvisionModel"]
