@@ -8,7 +8,7 @@ Baseline (as the CRD/mdistiller recipe runs it): ``torchvision.datasets.ImageFol
     python benchmarks/data.py [--root ../shared/data/cifar10-jpg/train] [--batch-size 64] [--device cpu]
 
 Without ``--root`` the shared CIFAR-10 JPEG archive is unpacked to a temp dir if present,
-otherwise a synthetic 10,000-image JPEG folder is written.
+otherwise a synthetic 50,000-image JPEG folder (CIFAR-10's size) is written.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def prepare_root(tmp: Path) -> Path:
     root = tmp / "synthetic" / "train"
     for c in range(10):
         (root / f"c{c}").mkdir(parents=True)
-        for i in range(1000):
+        for i in range(5000):
             Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / f"c{c}" / f"{i}.jpg")
     return root
 
@@ -51,13 +51,19 @@ def bench_baseline(root: Path, bs: int, batches: int) -> float:
                              transforms.ToTensor(), transforms.Normalize(CIFAR10_MEAN, CIFAR10_STD)])
     loader = DataLoader(datasets.ImageFolder(str(root), tf), batch_size=bs, shuffle=True, num_workers=2,
                         drop_last=True, persistent_workers=True)
-    it = iter(loader)
+    it = endless(loader)
     for _ in range(10):  # warm-up: workers started
         next(it)
     t0 = time.perf_counter()
     for _ in range(batches):
         next(it)
     return batches / (time.perf_counter() - t0)
+
+
+def endless(loader):
+    """Batches from ``loader``, epoch after epoch."""
+    while True:
+        yield from loader
 
 
 def bench_nkd(root: Path, bs: int, device: str, cache: Path) -> tuple[float, float, float]:
