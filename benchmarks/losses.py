@@ -116,9 +116,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--sizes", default="256x100,1024x1000,256x32000")
+    ap.add_argument("--no-value-checks", action="store_true",
+                    help="time nkd's losses with label value checks off (as the Trainer's hot loop runs them)")
     args = ap.parse_args()
+    if args.no_value_checks:
+        from nkd.losses import value_checks
+
+        value_checks(False).__enter__()
     dev = args.device
-    print(f"# torch {torch.__version__}, device {dev}, threads {torch.get_num_threads()}, {platform.processor() or platform.machine()}")
+    print(f"# torch {torch.__version__}, device {dev}, threads {torch.get_num_threads()}, "
+          f"{platform.processor() or platform.machine()}, value checks {'off' if args.no_value_checks else 'on'}")
     print("| loss | N×C | naive ms | nkd ms | time ratio (nkd/naive) | naive peak MiB | nkd peak MiB | mem ratio |")
     print("|---|---|---|---|---|---|---|---|")
     for size in args.sizes.split(","):

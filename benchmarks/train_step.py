@@ -6,9 +6,9 @@ Baseline — a plain loop as the CRD/mdistiller recipe runs it: ``torchvision.da
 (boolean-mask copies), SGD. nkd — the real :class:`nkd.engine.Trainer` on the same images:
 decoded once, device-side augmentation, fused ``nkd_loss``, channels_last, once in float32 and once
 with bf16 autocast (``train.amp=bf16``; on CPUs with AVX512-BF16/AMX it speeds up the teacher too);
-``--compile`` adds torch.compile. Same machine, one run.
+``--compile-mode MODE`` adds a bf16 + torch.compile row. Same machine, one run.
 
-    python benchmarks/train_step.py [--device cpu|cuda] [--steps 60] [--workers 2]
+    python benchmarks/train_step.py [--device cpu|cuda] [--steps 60] [--workers 2] [--compile-mode reduce-overhead]
 """
 
 from __future__ import annotations
@@ -70,15 +70,15 @@ def baseline(root: Path, device: str, steps: int, workers: int, bs: int = 64) ->
     return steps * bs / (time.perf_counter() - t0)
 
 
-def ours(root: Path, device: str, steps: int, compile_: bool, out: Path, amp: str) -> float:
+def ours(root: Path, device: str, steps: int, compile_mode: str | None, out: Path, amp: str) -> float:
     overrides = [
         f"output_dir={out}", f"data.root={root.parent}", f"train.device={device}",
         f"train.max_steps_per_epoch={steps}", "train.progress=false", "train.tensorboard=false",
         f"data.cache_dir={out / 'cache'}",
     ]
     overrides += ["train.channels_last=true", f"train.amp={amp}"]
-    if compile_:
-        overrides.append("train.compile=true")
+    if compile_mode:
+        overrides += ["train.compile=true", f"train.compile_mode={compile_mode}"]
     cfg = load_config(None, [
         "data.name=image_folder_small", "data.batch_size=64", "model.name=resnet8x4", "model.num_classes=10",
         "teacher={name: resnet32x4, num_classes: 10}", "method.name=nkd", "optim.lr=0.05", "schedule.epochs=2",
@@ -97,7 +97,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--compile-mode", default=None,
+                    help="also time bf16 + torch.compile with this mode (e.g. reduce-overhead = CUDA graphs)")
     args = ap.parse_args()
     torch.backends.cudnn.benchmark = args.device == "cuda"
     with tempfile.TemporaryDirectory() as tmp:
@@ -108,17 +109,19 @@ def main() -> None:
         if not test.exists():
             test.symlink_to(root, target_is_directory=True)
         base = baseline(root, args.device, args.steps, args.workers)
-        fast = {amp: ours(root, args.device, args.steps, args.compile, tmp / f"run_{amp}", amp)
-                for amp in ("none", "bf16")}
+        variants = [("fp32", "none", None), ("bf16 autocast", "bf16", None)]
+        if args.compile_mode:
+            variants.append((f"bf16 autocast + torch.compile({args.compile_mode})", "bf16", args.compile_mode))
+        fast = {label: ours(root, args.device, args.steps, mode, tmp / f"run_{j}", amp)
+                for j, (label, amp, mode) in enumerate(variants)}
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"# NKD step resnet32x4 -> resnet8x4, batch 64, {args.steps} timed steps | {name} | torch {torch.__version__}")
     print("| pipeline | images/s | ratio |")
     print("|---|---|---|")
     print(f"| plain loop: ImageFolder + DataLoader({args.workers} workers) + PIL, eager fp32, naive NKD | {base:.0f} | 1.00× |")
-    extra = " + torch.compile" if args.compile else ""
-    for amp, label in (("none", "fp32"), ("bf16", "bf16 autocast")):
-        print(f"| nkd Trainer: device-side data, fused nkd_loss, channels_last, {label}{extra} | {fast[amp]:.0f} | "
-              f"{fast[amp] / base:.2f}× |")
+    for label, ips in fast.items():
+        print(f"| nkd Trainer: device-side data, fused nkd_loss, channels_last, {label} | {ips:.0f} | "
+              f"{ips / base:.2f}× |")
 
 
 if __name__ == "__main__":

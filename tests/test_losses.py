@@ -424,3 +424,16 @@ def test_modules_forward_to_functions():
 def test_bad_input_is_rejected_with_a_named_argument(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+def test_value_checks_can_be_switched_off_for_validated_hot_loops():
+    from nkd.losses import value_checks
+
+    z, u = torch.randn(4, 5), torch.randn(4, 5)
+    bad = torch.tensor([0, 1, 7, 2])
+    with value_checks(False):
+        nkd_loss(z, u, torch.tensor([0, 1, 3, 2]))  # fine either way
+        with pytest.raises(ValueError, match="teacher_logits"):  # shape checks stay on
+            nkd_loss(z, torch.randn(4, 6), bad)
+    with pytest.raises(ValueError, match=r"\[0, 5\)"):  # and the default is restored
+        nkd_loss(z, u, bad)

@@ -95,6 +95,8 @@ class TrainConfig:
     channels_last: bool = False
     sync_bn: bool = False
     compile: bool = False
+    compile_mode: str = "default"  # torch.compile mode, e.g. "reduce-overhead" (CUDA graphs), "max-autotune"
+    log_every: int = 50  # steps between progress-bar updates and non-finite checks (policy "stop")
     grad_clip: float | None = None
     ema_decay: float | None = None
     eval_every: int = 1
@@ -223,6 +225,9 @@ def check_ranges(cfg: Config, problems: list[str]) -> None:
     need(cfg.data.mixup >= 0 and cfg.data.cutmix >= 0, "data.mixup / data.cutmix: must be >= 0")
     need(0 <= cfg.data.label_smoothing < 1, f"data.label_smoothing: must lie in [0, 1), got {cfg.data.label_smoothing}")
     need(cfg.train.grad_clip is None or cfg.train.grad_clip > 0, "train.grad_clip: must be > 0 or null")
+    need(cfg.train.log_every >= 1, f"train.log_every: must be >= 1, got {cfg.train.log_every}")
+    need(cfg.train.compile_mode in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+         f"train.compile_mode: unknown mode {cfg.train.compile_mode!r}")
     need(cfg.train.ema_decay is None or 0 < cfg.train.ema_decay < 1, "train.ema_decay: must lie in (0, 1) or null")
     if cfg.teacher is not None:
         need(cfg.teacher.num_classes == cfg.model.num_classes,

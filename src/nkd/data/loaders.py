@@ -61,24 +61,28 @@ class DeviceLoader:
                 b = idx[i:i + self.batch_size]
                 yield self._finish(normalize_uint8(self.images[b], self.mean, self.std)), self.labels[b]
             return
+        # All randomness of the epoch is drawn up front on the CPU and moved once: no per-step
+        # host-to-device copies (which would stall an asynchronous GPU pipeline).
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        perm = torch.randperm(n, generator=g)
+        steps = len(self)
         gb = self.batch_size * self.world_size
-        for step in range(len(self)):
-            glob = perm[step * gb:(step + 1) * gb]
-            m = len(glob)
-            oy = torch.randint(0, 2 * self.pad + 1, (m,), generator=g)
-            ox = torch.randint(0, 2 * self.pad + 1, (m,), generator=g)
-            fl = torch.rand(m, generator=g) < 0.5 if self.flip else torch.zeros(m, dtype=torch.bool)
-            mix_seed = int(torch.randint(0, 2**62, (1,), generator=g))
+        total = min(steps * gb, n)
+        perm = torch.randperm(n, generator=g)[:total]
+        oy = torch.randint(0, 2 * self.pad + 1, (total,), generator=g)
+        ox = torch.randint(0, 2 * self.pad + 1, (total,), generator=g)
+        fl = torch.rand(total, generator=g) < 0.5 if self.flip else torch.zeros(total, dtype=torch.bool)
+        mix_seeds = torch.randint(0, 2**62, (steps,), generator=g).tolist()
+        perm, oy, ox, fl = (t.to(self.device, non_blocking=True) for t in (perm, oy, ox, fl))
+        for step in range(steps):
+            start = step * gb
+            m = min(gb, total - start)
             per = math.ceil(m / self.world_size)
-            sl = slice(self.rank * per, (self.rank + 1) * per)
-            b = glob[sl].to(self.device)
-            x = crop_flip_normalize(self.images[b], oy[sl].to(self.device), ox[sl].to(self.device),
-                                    fl[sl].to(self.device), self.pad, self.mean, self.std)
+            sl = slice(start + self.rank * per, start + min((self.rank + 1) * per, m))
+            b = perm[sl]
+            x = crop_flip_normalize(self.images[b], oy[sl], ox[sl], fl[sl], self.pad, self.mean, self.std)
             y = self.labels[b]
             if self.mix is not None:
-                x, y = self.mix(x, y, torch.Generator().manual_seed(mix_seed + self.rank))
+                x, y = self.mix(x, y, torch.Generator().manual_seed(mix_seeds[step] + self.rank))
             yield self._finish(x), y
 
 

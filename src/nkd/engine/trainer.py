@@ -26,10 +26,11 @@ from torch import nn
 
 from ..config import Config, dump_config
 from ..data.build import build_loaders
+from ..losses import value_checks
 from ..methods import build_method
 from ..models import create_model
 from .checkpoint import load_checkpoint, rng_state, save_atomic, seed_everything, set_rng_state
-from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed
+from .distributed import DistInfo, all_reduce_max, all_reduce_sum, barrier, init_distributed
 from .schedule import lr_at
 
 log = logging.getLogger("nkd")
@@ -104,7 +105,11 @@ class Trainer:
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = nn.parallel.DistributedDataParallel(self.trainable, device_ids=ids)
-        self.forward = torch.compile(self.model) if cfg.train.compile else self.model
+        self.forward = self.model
+        if cfg.train.compile:
+            self.forward = torch.compile(self.model, mode=cfg.train.compile_mode)
+            if self.method.teacher is not None:
+                self.method.teacher = torch.compile(self.method.teacher, mode=cfg.train.compile_mode)
         self.optimizer = build_optimizer(cfg, self.trainable)
         self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.amp]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
@@ -222,6 +227,9 @@ class Trainer:
         return str(p) if p.is_file() else "none yet"
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
+        """One epoch. Non-finite losses/gradients: with ``nan_policy="skip"`` each step is checked
+        (a host sync per step); with ``"stop"`` a flag is kept on the device and read every
+        ``log_every`` steps and at the end of the epoch — before any checkpoint is written."""
         cfg = self.cfg
         self.model.train()
         self.method.train()
@@ -237,6 +245,10 @@ class Trainer:
                        file=sys.stdout)
         t0 = time.perf_counter()
         params = [p for p in self.trainable.parameters() if p.requires_grad]
+        skip_policy = cfg.train.nan_policy == "skip"
+        self._first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
+        self._bad_terms = torch.zeros((), dtype=torch.long, device=self.device)
+        lr = cfg.optim.lr
         for i, (x, y) in enumerate(self.loaders.train):
             if i >= steps:
                 break
@@ -246,25 +258,30 @@ class Trainer:
                 g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.global_step * 131 + self.dist.rank)
                 x, y = self.loaders.mix(x, y, g)
             lr = lr_at(cfg.optim.lr, cfg.schedule, epoch + i / steps)
-            for g in self.optimizer.param_groups:
-                g["lr"] = lr
-            with self._autocast():
+            for grp in self.optimizer.param_groups:
+                grp["lr"] = lr
+            with self._autocast(), value_checks(i == 0):  # labels validated on each epoch's first batch
                 logits, weak = self.forward(x)
                 losses = self.method.losses(logits, weak, x, y, epoch)
             total = sum(losses.values())
-            if not bool(torch.isfinite(total)):
+            if skip_policy and not bool(torch.isfinite(total)):
                 bad = [k for k, v in losses.items() if not bool(torch.isfinite(v))]
-                if self._non_finite(f"loss term(s) {bad} became non-finite", epoch, i):
-                    continue
+                self._non_finite(f"loss term(s) {bad} became non-finite", epoch, i)
+                continue
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(total).backward()
             self.scaler.unscale_(self.optimizer)
             clip = cfg.train.grad_clip if cfg.train.grad_clip else math.inf
             gnorm = torch.nn.utils.clip_grad_norm_(params, clip)
-            if not bool(torch.isfinite(gnorm)) and not self.scaler.is_enabled():
-                if self._non_finite("gradient norm became non-finite", epoch, i):
-                    self.optimizer.zero_grad(set_to_none=True)
-                    continue
+            # with a GradScaler, inf gradients are expected (the scaler skips those steps)
+            grads_ok = (torch.ones((), dtype=torch.bool, device=gnorm.device) if self.scaler.is_enabled()
+                        else torch.isfinite(gnorm))
+            if skip_policy and not bool(grads_ok):
+                self._non_finite("gradient norm became non-finite", epoch, i)
+                self.optimizer.zero_grad(set_to_none=True)
+                continue
+            if not skip_policy:
+                self._record_non_finite(losses, grads_ok)
             self.scaler.step(self.optimizer)
             self.scaler.update()
             if self.ema is not None:
@@ -274,13 +291,19 @@ class Trainer:
             seen += n
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float() * n
-            if bar is not None:
-                bar.update(1)
-                if i % 10 == 0 or i == steps - 1:
+            last = i == steps - 1
+            if (i + 1) % cfg.train.log_every == 0 or last:
+                if not skip_policy:
+                    self._raise_if_non_finite(list(losses), epoch)
+                if bar is not None:
                     rate = seen * self.dist.world_size / max(time.perf_counter() - t0, 1e-9)
                     bar.set_postfix(loss=f"{float(total.detach()):.3f}", lr=f"{lr:.4g}", img_s=f"{rate:.0f}")
+            if bar is not None:
+                bar.update(1)
         if bar is not None:
             bar.close()
+        if not skip_policy:
+            self._raise_if_non_finite(list(sums), epoch)
         elapsed = time.perf_counter() - t0
         count = all_reduce_sum(torch.tensor([float(seen)], device=self.device), self.dist)
         out = {}
@@ -291,6 +314,24 @@ class Trainer:
         out["lr"] = lr_at(cfg.optim.lr, cfg.schedule, epoch)
         out["img_per_s"] = float(count) / max(elapsed, 1e-9)
         return out
+
+    def _record_non_finite(self, losses: dict[str, torch.Tensor], grads_ok: torch.Tensor) -> None:
+        """Remember (on the device, no sync) the first global step with a non-finite loss term or
+        gradient, and a bitmask of the offending terms (bit ``len(losses)``: the gradient)."""
+        flags = [~torch.isfinite(v.detach()) for v in losses.values()] + [~grads_ok]
+        bits = sum(f.long() << j for j, f in enumerate(flags))
+        first = (self._first_bad < 0) & (bits > 0)
+        self._first_bad = torch.where(first, torch.full_like(self._first_bad, self.global_step), self._first_bad)
+        self._bad_terms = torch.where(first, bits, self._bad_terms)
+
+    def _raise_if_non_finite(self, names: list[str], epoch: int) -> None:
+        step = int(all_reduce_max(self._first_bad.clone(), self.dist))
+        if step < 0:
+            return
+        bits = int(self._bad_terms)
+        what = [n for j, n in enumerate(names) if bits >> j & 1] + (["gradient"] if bits >> len(names) & 1 else [])
+        self._non_finite(f"non-finite {', '.join(what) or 'value'} (first at global step {step})", epoch,
+                         step - epoch * self.steps_per_epoch())
 
     def _non_finite(self, what: str, epoch: int, step: int) -> bool:
         """Stop (raise) or skip (return True) per ``train.nan_policy``."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from ._common import value_checks
 from .dkd import DKDLoss, dkd_loss
 from .kd import KDLoss, kd_loss
 from .nkd import NKDLoss, nkd_loss
@@ -34,6 +35,7 @@ LOSSES: dict[str, Callable] = {
 
 __all__ = [
     "LOSSES",
+    "value_checks",
     "RANK_MODES",
     "nkd_loss",
     "uskd_loss",

@@ -11,7 +11,8 @@ one loss per row in float32 (float64 stays float64) with autocast disabled, and 
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,23 @@ from torch import Tensor
 
 REDUCTIONS = ("mean", "sum", "none")
 SOFT_LABEL_TOL = 1e-3
+_VALUE_CHECKS = [True]
+
+
+@contextmanager
+def value_checks(enabled: bool) -> Iterator[None]:
+    """Turn the *value* checks of label tensors (range, soft rows summing to 1) on or off.
+
+    Shape/dtype/parameter checks always run. Value checks read tensor contents, which on a GPU
+    forces a host-device synchronization per call; a training loop that has validated its data
+    (the nkd Trainer checks the first batch of every epoch) can switch them off in its hot path.
+    """
+    old = _VALUE_CHECKS[0]
+    _VALUE_CHECKS[0] = bool(enabled)
+    try:
+        yield
+    finally:
+        _VALUE_CHECKS[0] = old
 
 
 @dataclass
@@ -109,7 +127,7 @@ def parse_rows(logits: Tensor, target: Tensor, ignore_index: int = -100, name: s
                 f"got {tuple(target.shape)}"
             )
         soft = target.detach().reshape(-1, c).to(compute_dtype(logits.dtype))
-        if soft.numel():
+        if soft.numel() and _VALUE_CHECKS[0]:
             if bool((soft < 0).any()) or not bool(torch.isfinite(soft).all()):
                 raise ValueError("soft target rows must be finite and non-negative")
             err = (soft.sum(-1) - 1).abs().max()
@@ -129,7 +147,7 @@ def parse_rows(logits: Tensor, target: Tensor, ignore_index: int = -100, name: s
         )
     t = target.reshape(-1).long()
     valid = t != ignore_index
-    if t.numel():
+    if t.numel() and _VALUE_CHECKS[0]:
         bad = valid & ((t < 0) | (t >= c))
         if bool(bad.any()):
             first = int(t[bad][0])
