@@ -6,7 +6,7 @@ Baseline — a plain loop as the CRD/mdistiller recipe runs it: ``torchvision.da
 (boolean-mask copies), SGD. nkd — the real :class:`nkd.engine.Trainer` on the same images:
 decoded once, device-side augmentation, fused ``nkd_loss``, channels_last, once in float32 and once
 with bf16 autocast (``train.amp=bf16``; on CPUs with AVX512-BF16/AMX it speeds up the teacher too);
-``--compile-mode MODE`` adds a bf16 + torch.compile row. Same machine, one run.
+``--compile-mode MODE`` adds fp32 and bf16 rows with torch.compile. Same machine, one run.
 
     python benchmarks/train_step.py [--device cpu|cuda] [--steps 60] [--workers 2] [--compile-mode reduce-overhead]
 """
@@ -98,7 +98,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--compile-mode", default=None,
-                    help="also time bf16 + torch.compile with this mode (e.g. reduce-overhead = CUDA graphs)")
+                    help="also time fp32 and bf16 + torch.compile with this mode (e.g. reduce-overhead = CUDA graphs)")
     args = ap.parse_args()
     torch.backends.cudnn.benchmark = args.device == "cuda"
     with tempfile.TemporaryDirectory() as tmp:
@@ -111,6 +111,7 @@ def main() -> None:
         base = baseline(root, args.device, args.steps, args.workers)
         variants = [("fp32", "none", None), ("bf16 autocast", "bf16", None)]
         if args.compile_mode:
+            variants.append((f"fp32 + torch.compile({args.compile_mode})", "none", args.compile_mode))
             variants.append((f"bf16 autocast + torch.compile({args.compile_mode})", "bf16", args.compile_mode))
         fast = {label: ours(root, args.device, args.steps, mode, tmp / f"run_{j}", amp)
                 for j, (label, amp, mode) in enumerate(variants)}
