@@ -24,7 +24,7 @@ test: install lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: install
-	$(PY) -m nkd demo
+	$(PY) -m nkd demo --out demo_out
 
 bench: install
 	$(PY) benchmarks/losses.py 2>/dev/null

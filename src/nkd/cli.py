@@ -110,7 +110,73 @@ def _export_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="output file (default RUN_DIR/student.safetensors)")
 
 
-PARSERS = {"train": _train_parser, "eval": _eval_parser, "export": _export_parser}
+@command("demo", "train a teacher and KD/self-KD students on built-in real data (about a minute)")
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    seeds = tuple(range(args.seeds))
+    table = run_demo(args.out, seeds=seeds, epochs=args.epochs, workers=args.workers)
+    print(table)
+    print(f"report: {Path(args.out) / 'report.md'} (figures accuracy.png, curves.png)")
+    return 0
+
+
+def _demo_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="demo_out", help="output directory (default demo_out)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per method (default 3)")
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--workers", type=int, default=None, help="parallel runs (default: one per core)")
+
+
+def _seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"--seeds must be comma-separated integers, got {text!r}") from e
+    if not seeds:
+        raise argparse.ArgumentTypeError("--seeds must name at least one seed")
+    return seeds
+
+
+@command("sweep", "run a config over several seeds (parallel processes) and report mean ± std")
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .report import write_report
+    from .sweep import sweep
+
+    load_config(args.config, args.overrides, check_files=True)
+    dirs = sweep(args.config, args.seeds, args.overrides, args.workers)
+    out = Path(args.report_dir) if args.report_dir else dirs[0].parent
+    print(write_report(dirs, out, title=f"sweep of {args.config}"))
+    print(f"report: {out / 'report.md'}")
+    return 0
+
+
+def _sweep_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--seeds", type=_seed_list, default=[0, 1, 2], help="e.g. 0,1,2")
+    p.add_argument("--workers", type=int, default=None, help="parallel runs (default: one per core)")
+    p.add_argument("--report-dir", help="where report.md goes (default: the config's output_dir)")
+
+
+@command("report", "aggregate finished runs into a table and figures")
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    print(write_report(args.run_dirs, args.out, title=args.title))
+    print(f"report: {Path(args.out) / 'report.md'}")
+    return 0
+
+
+def _report_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dirs", nargs="+", help="run directories, or folders that contain them")
+    p.add_argument("--out", default="report", help="output directory (default report)")
+    p.add_argument("--title", default="nkd report")
+
+
+PARSERS = {"train": _train_parser, "eval": _eval_parser, "export": _export_parser, "demo": _demo_parser,
+           "sweep": _sweep_parser, "report": _report_parser}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -29,13 +29,15 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    name: Literal["cifar100", "cifar10", "image_folder_small", "imagenet_folder", "synthetic"] = "cifar100"
+    name: Literal["cifar100", "cifar10", "image_folder_small", "imagenet_folder", "synthetic", "digits"] = "cifar100"
     root: str | None = None
     batch_size: int = 64  # per process
     global_batch_size: int | None = None  # if set: batch_size = global_batch_size / world_size
     eval_batch_size: int = 256
     num_workers: int = 4
     image_size: int = 32
+    crop_padding: int = 4  # random-crop zero padding (small-image datasets)
+    flip: bool = True  # random horizontal flip (small-image datasets)
     train_subset: int | None = None
     subset_seed: int = 0
     randaugment: bool = False  # ImageNet folders: torchvision RandAugment (m=9, n=2)
@@ -104,6 +106,7 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None
     deterministic: bool = False
     progress: bool = True
+    console: bool = True  # per-epoch log lines on stdout (train.log is always written)
     tensorboard: bool = True
 
 
@@ -232,6 +235,9 @@ def check_ranges(cfg: Config, problems: list[str]) -> None:
     if cfg.teacher is not None:
         need(cfg.teacher.num_classes == cfg.model.num_classes,
              f"teacher.num_classes: {cfg.teacher.num_classes} differs from model.num_classes {cfg.model.num_classes}")
+    need(cfg.data.crop_padding >= 0, f"data.crop_padding: must be >= 0, got {cfg.data.crop_padding}")
+    if cfg.data.name == "digits":
+        need(cfg.model.num_classes == 10, f"model.num_classes: {cfg.model.num_classes} does not match digits (10 classes)")
     if cfg.data.name == "synthetic":
         need(cfg.data.synthetic_classes == cfg.model.num_classes,
              f"model.num_classes: {cfg.model.num_classes} does not match the dataset's {cfg.data.synthetic_classes} "

@@ -17,7 +17,7 @@ from .augment import (
     IMAGENET_STD,
     MixupCutmix,
 )
-from .datasets import ArrayDataset, load_cifar, load_image_folder, synthetic
+from .datasets import ArrayDataset, load_cifar, load_digits, load_image_folder, synthetic
 from .loaders import DeviceLoader, folder_loader
 
 DEFAULT_STATS = {
@@ -26,6 +26,7 @@ DEFAULT_STATS = {
     "image_folder_small": (CIFAR10_MEAN, CIFAR10_STD),
     "imagenet_folder": (IMAGENET_MEAN, IMAGENET_STD),
     "synthetic": ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
+    "digits": ((0.31, 0.31, 0.31), (0.38, 0.38, 0.38)),
 }
 
 
@@ -57,6 +58,8 @@ def load_arrays(d) -> tuple[ArrayDataset, ArrayDataset]:
         kw = dict(num_classes=d.synthetic_classes, size=d.image_size, seed=d.synthetic_seed)
         return synthetic(d.synthetic_samples, split="train", **kw), synthetic(max(d.synthetic_samples // 4, 8),
                                                                                 split="test", **kw)
+    if d.name == "digits":
+        return load_digits(train=True), load_digits(train=False)
     if d.name in ("cifar10", "cifar100"):
         root = d.root or "data"
         kw = dict(download=d.download, verify=d.verify_checksums)
@@ -98,7 +101,8 @@ def build_loaders(cfg, device: torch.device, rank: int = 0, world_size: int = 1)
     if d.mixup > 0 or d.cutmix > 0 or d.label_smoothing > 0:
         mix = MixupCutmix(tr.num_classes, d.mixup, d.cutmix, label_smoothing=d.label_smoothing)
     channels_last = cfg.train.channels_last
-    train = DeviceLoader(tr, batch, train=True, device=device, mean=mean, std=std, mix=mix, seed=cfg.seed,
+    train = DeviceLoader(tr, batch, train=True, device=device, mean=mean, std=std, pad=d.crop_padding, flip=d.flip,
+                         mix=mix, seed=cfg.seed,
                          rank=rank, world_size=world_size, channels_last=channels_last)
     ev = DeviceLoader(te, d.eval_batch_size, train=False, device=device, mean=mean, std=std, rank=rank,
                       world_size=world_size, channels_last=channels_last)

@@ -177,3 +177,25 @@ def synthetic(num_samples: int = 512, num_classes: int = 10, size: int = 32, see
     labels = torch.randint(0, num_classes, (num_samples,), generator=g)
     imgs = protos[labels] + torch.randn(num_samples, size, size, 3, generator=g) * noise
     return ArrayDataset(imgs.clamp(0, 255).round().to(torch.uint8), labels, [f"class{i}" for i in range(num_classes)])
+
+
+# ----------------------------------------------------------------------------- digits
+def load_digits(train: bool = True, test_fraction: float = 0.25, seed: int = 0) -> ArrayDataset:
+    """scikit-learn's handwritten digits (1,797 real 8×8 images, 10 classes; ships with the
+    package, no download) as uint8 RGB, split into a fixed stratified train/test partition."""
+    try:
+        from sklearn.datasets import load_digits as _load
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("the digits dataset needs scikit-learn: pip install 'nkd[demo]'") from e
+    d = _load()
+    images = torch.from_numpy((d.images * (255.0 / 16.0)).round().astype(np.uint8))
+    labels = torch.from_numpy(d.target.astype(np.int64))
+    g = torch.Generator().manual_seed(seed)
+    test_mask = torch.zeros(len(labels), dtype=torch.bool)
+    for c in range(10):  # stratified: the same fraction of each class
+        idx = (labels == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        test_mask[idx[: round(len(idx) * test_fraction)]] = True
+    keep = ~test_mask if train else test_mask
+    rgb = images[keep][..., None].expand(-1, -1, -1, 3).contiguous()
+    return ArrayDataset(rgb, labels[keep], [str(i) for i in range(10)])

@@ -139,9 +139,10 @@ class Trainer:
             log.addHandler(logging.NullHandler())
             return
         fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
-        console = logging.StreamHandler(sys.stdout)
-        console.setFormatter(fmt)
-        log.addHandler(console)
+        if self.cfg.train.console:
+            console = logging.StreamHandler(sys.stdout)
+            console.setFormatter(fmt)
+            log.addHandler(console)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         fh = logging.FileHandler(self.run_dir / "train.log")
         fh.setFormatter(fmt)

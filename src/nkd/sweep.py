@@ -1,0 +1,58 @@
+"""Run one config over several seeds, in parallel processes where the cores allow."""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+
+def _run_one(config: str | None, overrides: list[str], threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    from .config import load_config
+    from .engine import Trainer
+
+    cfg = load_config(config, overrides, check_files=True)
+    return Trainer(cfg).fit()
+
+
+def run_many(jobs: list[tuple[str | None, list[str]]], workers: int | None = None, desc: str | None = None) -> list[dict]:
+    """Run ``(config, overrides)`` jobs; ``workers`` processes with ``cores / workers`` threads each.
+
+    With ``desc`` a progress bar counts finished runs.
+    """
+    from tqdm import tqdm
+
+    cores = os.cpu_count() or 1
+    workers = max(1, min(workers or cores, len(jobs), cores))
+    bar = tqdm(total=len(jobs), desc=desc, unit="run", disable=desc is None, dynamic_ncols=True)
+    if workers == 1:
+        results = []
+        for c, o in jobs:
+            results.append(_run_one(c, o, max(1, cores)))
+            bar.update(1)
+        bar.close()
+        return results
+    threads = max(1, cores // workers)
+    import multiprocessing as mp
+
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
+        futures = [ex.submit(_run_one, c, o, threads) for c, o in jobs]
+        for _ in as_completed(futures):
+            bar.update(1)
+        bar.close()
+        return [f.result() for f in futures]
+
+
+def sweep(config: str, seeds: list[int], overrides: list[str], workers: int | None = None) -> list[Path]:
+    """Train ``config`` once per seed into ``<output_dir>/seed<k>``; returns the run directories."""
+    from .config import load_config
+
+    base = load_config(config, overrides)  # validate once, before any process starts
+    dirs = [Path(base.output_dir) / f"seed{s}" for s in seeds]
+    jobs = [(config, [*overrides, f"seed={s}", f"output_dir={d}", "train.progress=false",
+                       "train.console=false"]) for s, d in zip(seeds, dirs)]
+    run_many(jobs, workers, desc=f"{Path(config).stem}: {len(seeds)} seeds")
+    return dirs
