@@ -1,0 +1,73 @@
+"""Proxy benchmark on real data that fits a 2-core CPU: CIFAR-10 (the shared JPEG set),
+resnet56 → resnet20 (a standard CRD pair, and the cheapest one), CE / KD / DKD / NKD and self-KD
+CE vs USKD, several seeds each, with the shipped ``configs/cifar10/*.yaml`` recipes scaled down:
+
+* a fixed 4,000-image random training subset (``data.train_subset``, the same for every run),
+  all 10,000 test images, evaluated every 5 epochs and after the last;
+* ``--epochs`` epochs (default 15) with the CRD step schedule compressed to the same shape
+  (×0.1 at 62.5 %, 75 %, 87.5 % of training, as 150/180/210 of 240);
+* bf16 autocast on the CPU (AVX512-BF16: about 2× faster; the losses still compute in float32).
+
+    python benchmarks/proxy_cifar10.py --data /path/to/cifar10-jpg [--seeds 0,1,2] [--epochs 15]
+
+The teacher is trained once (seed 0). Writes ``benchmarks/proxy/report.md`` plus figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from nkd.report import write_report  # noqa: E402
+from nkd.sweep import run_many  # noqa: E402
+
+CONFIGS = ROOT / "configs" / "cifar10"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--data", required=True, help="folder with train/ and test/ (the unpacked shared archive)")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--epochs", type=int, default=15)
+    ap.add_argument("--subset", type=int, default=4000)
+    ap.add_argument("--eval-every", type=int, default=5)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "proxy"))
+    ap.add_argument("--workers", type=int, default=2)
+    args = ap.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    out = Path(args.out)
+    runs = out / "runs"
+    e = args.epochs
+    milestones = [round(e * f) for f in (0.625, 0.75, 0.875)]
+    common = [f"data.root={args.data}", f"data.train_subset={args.subset}", f"schedule.epochs={e}",
+              f"schedule.milestones={milestones}", "train.amp=bf16", "train.progress=false", "train.console=false",
+              "train.tensorboard=false", "train.channels_last=true", f"train.eval_every={args.eval_every}"]
+    t0 = time.perf_counter()
+    teacher_dir = runs / "teacher_resnet56"
+    run_many([(str(CONFIGS / "teacher_resnet56.yaml"), [*common, f"output_dir={teacher_dir}"])], 1,
+             desc="teacher resnet56")
+    teacher_ckpt = f"teacher.checkpoint={teacher_dir / 'checkpoints' / 'best.pt'}"
+    jobs = []
+    for name in ("ce_resnet20", "kd_resnet56_resnet20", "dkd_resnet56_resnet20", "nkd_resnet56_resnet20",
+                 "uskd_resnet20"):
+        for s in seeds:
+            ov = [*common, f"seed={s}", f"output_dir={runs / name / f'seed{s}'}"]
+            if name.startswith(("kd", "dkd", "nkd")):
+                ov.append(teacher_ckpt)
+            jobs.append((str(CONFIGS / f"{name}.yaml"), ov))
+    run_many(jobs, args.workers, desc=f"students ({len(jobs)} runs)")
+    hours = (time.perf_counter() - t0) / 3600
+    pre = (f"CIFAR-10 (shared JPEG set), {args.subset}-image training subset, 10,000 test images, {e} epochs "
+           f"(×0.1 at {milestones}), bf16 autocast on a 2-core CPU, seeds {seeds}; teacher resnet56 (1 run). "
+           f"Wall time {hours:.2f} h. Command: `python benchmarks/proxy_cifar10.py --data DATA --seeds {args.seeds} "
+           f"--epochs {e} --subset {args.subset} --eval-every {args.eval_every}`. Best = best of the evaluated epochs.")
+    print(write_report([runs], out, title="Proxy benchmark: CIFAR-10, resnet56 → resnet20", preamble=pre))
+
+
+if __name__ == "__main__":
+    main()
