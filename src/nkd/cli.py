@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import traceback
 from pathlib import Path
 
 COMMANDS = {}
@@ -31,10 +33,36 @@ def _bad_input(msg: str) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
     from .engine import Trainer
+    from .engine.checkpoint import CheckpointWriteError
+    from .engine.trainer import NonFiniteError
 
     cfg = load_config(args.config, args.overrides, check_files=True)
-    Trainer(cfg, resume=args.resume).fit()
+    try:
+        trainer = Trainer(cfg, resume=args.resume)
+    except (ValueError, OSError) as e:  # setup problems: bad checkpoint, data, output dir
+        return _bad_input(str(e))
+    try:
+        trainer.fit()
+    except (NonFiniteError, CheckpointWriteError) as e:
+        print(f"nkd: training stopped: {e}", file=sys.stderr)
+        return _exit_worker(1)
+    except Exception:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # e.g. a peer died: leave at once
+            traceback.print_exc()
+            return _exit_worker(1)
+        raise
     return 0
+
+
+def _exit_worker(code: int) -> int:
+    """Under torchrun a failed worker exits immediately: tearing down a process group whose peer
+    died can block, and torchrun only restarts the job (``--max-restarts``) once every worker
+    has exited."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def _train_parser(p: argparse.ArgumentParser) -> None:
@@ -195,10 +223,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
 
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
     except SystemExit as e:  # argparse already printed the usage error
         return int(e.code or 0)
+    # key=value overrides may also follow options (nkd train CONFIG --resume optim.lr=0.1)
+    if extra and hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        return _bad_input(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except ConfigError as e:

@@ -16,16 +16,30 @@ import numpy as np
 import torch
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written; the previous file at that path is untouched."""
+
+
 def save_atomic(obj: Any, path: str | os.PathLike) -> None:
+    """Write ``obj`` to ``path`` atomically; on failure raise :class:`CheckpointWriteError`
+    (naming the file and the cause, e.g. a full disk) and leave any previous ``path`` intact."""
+    from .faults import slow_save
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        slow_save()
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save's zip writer reports a short write as RuntimeError
+        tmp.unlink(missing_ok=True)
+        kept = f"; the previous {path.name} is untouched" if path.exists() else ""
+        cause = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        raise CheckpointWriteError(f"cannot write checkpoint {path} (disk full or not writable?): {cause}{kept}") from e
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -40,13 +54,18 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load with ``weights_only=True``; a truncated/corrupt or pickle-bearing file is a ValueError."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
-        raise ValueError(f"checkpoint {path} is unreadable or truncated: {e}") from e
+        raise ValueError(f"checkpoint {path} is unreadable (truncated, corrupt, or holds arbitrary pickled "
+                         f"objects, which weights_only loading refuses): {str(e).splitlines()[0]}") from e
+    if not isinstance(obj, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(obj).__name__}, not a checkpoint dict")
+    return obj
 
 
 def rng_state() -> dict[str, Any]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -29,6 +30,7 @@ from ..data.build import build_loaders
 from ..losses import value_checks
 from ..methods import build_method
 from ..models import create_model
+from . import faults
 from .checkpoint import load_checkpoint, rng_state, save_atomic, seed_everything, set_rng_state
 from .distributed import DistInfo, all_reduce_max, all_reduce_sum, barrier, init_distributed
 from .schedule import lr_at
@@ -69,6 +71,17 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas))
 
 
+def check_writable(run_dir: Path) -> None:
+    """Fail early (before any training) when the run directory cannot be written."""
+    probe = run_dir / f".write-test-{os.getpid()}"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"output_dir: {run_dir} is not writable ({e.strerror or e})") from e
+
+
 class Trainer:
     def __init__(self, cfg: Config, resume: bool = False):
         self.cfg = cfg
@@ -80,6 +93,8 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.run_dir = Path(cfg.output_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
+        if self.dist.is_main:
+            check_writable(self.run_dir)
         self._setup_logging()
 
         self.loaders = build_loaders(cfg, self.device, self.dist.rank, self.dist.world_size)
@@ -178,19 +193,41 @@ class Trainer:
         }
 
     def save(self, epoch: int, is_best: bool) -> None:
+        """Write ``last.pt`` (and ``best.pt``) atomically, keeping the previous ``last.pt`` as
+        ``prev.pt``. Weights that are not finite are never written over a good checkpoint."""
         if not self.dist.is_main:
             return
+        bad = [k for k, v in self.trainable.state_dict().items() if v.is_floating_point() and not bool(v.isfinite().all())]
+        if bad:
+            raise NonFiniteError(f"epoch {epoch + 1}: non-finite weights ({', '.join(bad[:5])}); not saved — "
+                                 f"last good checkpoint: {self._last_good()}")
         state = self.state_dict(epoch)
-        save_atomic(state, self.ckpt_dir / "last.pt")
+        last = self.ckpt_dir / "last.pt"
+        if last.is_file():  # keep the previous complete checkpoint as prev.pt (hard link, atomic)
+            tmp = self.ckpt_dir / f"prev.pt.tmp-{os.getpid()}"
+            tmp.unlink(missing_ok=True)
+            try:
+                os.link(last, tmp)
+                os.replace(tmp, self.ckpt_dir / "prev.pt")
+            except OSError:
+                tmp.unlink(missing_ok=True)
+        save_atomic(state, last)
         if is_best:
             save_atomic(state, self.ckpt_dir / "best.pt")
 
     def _resume(self) -> None:
         path = self.ckpt_dir / "last.pt"
-        if not path.is_file():
+        prev = self.ckpt_dir / "prev.pt"
+        if not path.is_file() and not prev.is_file():
             log.info("no checkpoint at %s: starting from scratch", path)
             return
-        ck = load_checkpoint(path)
+        try:
+            ck = load_checkpoint(path)
+        except (ValueError, FileNotFoundError) as e:
+            if not prev.is_file():
+                raise ValueError(f"cannot resume: {e}") from e
+            log.info("%s; resuming from the previous checkpoint %s", e, prev)
+            path, ck = prev, load_checkpoint(prev)
         for key, want in (("method", self.cfg.method.name), ("model_name", self.cfg.model.name),
                           ("num_classes", self.cfg.model.num_classes)):
             if ck.get(key) != want:
@@ -250,6 +287,8 @@ class Trainer:
         self._first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
         self._bad_terms = torch.zeros((), dtype=torch.long, device=self.device)
         lr = cfg.optim.lr
+        nan_steps = faults.nan_steps()
+        faults.maybe_kill(self.dist.rank, epoch)
         for i, (x, y) in enumerate(self.loaders.train):
             if i >= steps:
                 break
@@ -264,6 +303,9 @@ class Trainer:
             with self._autocast(), value_checks(i == 0):  # labels validated on each epoch's first batch
                 logits, weak = self.forward(x)
                 losses = self.method.losses(logits, weak, x, y, epoch)
+            if self.global_step + self.skipped_steps in nan_steps:  # fault injection: poison the first loss term
+                first = next(iter(losses))
+                losses[first] = losses[first] * float("nan")
             total = sum(losses.values())
             if skip_policy and not bool(torch.isfinite(total)):
                 bad = [k for k, v in losses.items() if not bool(torch.isfinite(v))]

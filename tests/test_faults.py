@@ -1,0 +1,240 @@
+"""Faults and bad input in long runs: nothing lost, nothing silent (issue 6).
+
+Real processes, real files, real signals. Fault injection uses the documented NKD_FAULT_*
+environment variables (nkd.engine.faults) in child processes only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import write_config
+from nkd.cli import main as cli_main
+from nkd.config import load_config
+from nkd.engine import Trainer
+from nkd.engine.checkpoint import load_checkpoint
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+KD = dict(method={"name": "nkd", "params": {}}, teacher={"name": "resnet8", "num_classes": 10})
+
+
+def env(**extra) -> dict:
+    e = dict(os.environ, **extra)  # same thread count as the in-process reference: bitwise equality
+    e["PYTHONPATH"] = str(SRC) + os.pathsep + e.get("PYTHONPATH", "")
+    return e
+
+
+def nkd(*args, extra_env=None, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nkd", *args], env=env(**(extra_env or {})), capture_output=True,
+                          text=True, timeout=300, **kw)
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def weights(run: Path, name: str = "last.pt") -> dict:
+    return load_checkpoint(run / "checkpoints" / name)["trainable"]
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def config(tmp_path: Path, name: str, epochs: int = 4, **extra) -> str:
+    sections = {**KD, "schedule": {"name": "multistep", "epochs": epochs, "milestones": [2]},
+                "data": {"synthetic_samples": 192}, **extra}
+    return write_config(tmp_path / f"{name}.yaml", output_dir=str(tmp_path / name), **sections)
+
+
+@pytest.fixture
+def reference(tmp_path):
+    Trainer(load_config(config(tmp_path, "ref"))).fit()
+    return weights(tmp_path / "ref")
+
+
+# ----------------------------------------------------------------------------- 1. interruption
+@pytest.mark.slow
+def test_kill_9_during_a_checkpoint_write(tmp_path, reference):
+    cfg = config(tmp_path, "run")
+    ck = tmp_path / "run" / "checkpoints"
+    proc = subprocess.Popen([sys.executable, "-m", "nkd", "train", cfg], env=env(NKD_FAULT_SLOW_SAVE="3"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait for the 2nd checkpoint write to be in flight
+        if (ck / "last.pt").is_file() and list(ck.glob("last.pt.tmp-*")):
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert list(ck.glob("last.pt.tmp-*")), "the kill did not land during a write"
+    assert load_checkpoint(ck / "last.pt")["epoch"] == 0  # the complete epoch-1 checkpoint, not the partial one
+    assert cli_main(["train", cfg, "--resume"]) == 0
+    assert same(weights(tmp_path / "run"), reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trial", [0, 1])
+def test_kill_9_at_random_points_then_resume(tmp_path, reference, trial):
+    cfg = config(tmp_path, "run")
+    delay = random.Random(trial).uniform(2.0, 6.0)  # import + setup take ~2 s: lands mid-run
+    proc = subprocess.Popen([sys.executable, "-m", "nkd", "train", cfg], env=env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert cli_main(["train", cfg, "--resume"]) == 0
+    assert same(weights(tmp_path / "run"), reference)
+
+
+# ----------------------------------------------------------------------------- 2. corrupt / foreign checkpoints
+def test_truncated_last_checkpoint_falls_back_to_the_previous_one(tmp_path, reference):
+    cfg = config(tmp_path, "run")
+    Trainer(load_config(cfg, ["schedule.epochs=4", "train.max_steps_per_epoch=1000"])).fit()
+    ck = tmp_path / "run" / "checkpoints"
+    assert load_checkpoint(ck / "prev.pt")["epoch"] == 2
+    data = (ck / "last.pt").read_bytes()
+    (ck / "last.pt").write_bytes(data[: len(data) // 2])  # a torn file, as after a disk fault
+    (tmp_path / "run" / "metrics.jsonl").write_text(
+        "\n".join((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[:3]) + "\n")
+    assert cli_main(["train", cfg, "--resume"]) == 0  # resumes after epoch 3 from prev.pt, redoes epoch 4
+    assert same(weights(tmp_path / "run"), reference)
+
+
+def test_unreadable_checkpoints_are_clear_errors(tmp_path, capsys):
+    cfg = config(tmp_path, "run", epochs=1)
+    assert cli_main(["train", cfg]) == 0
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    last.write_bytes(last.read_bytes()[:1000])
+    assert cli_main(["train", cfg, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "last.pt" in err and "unreadable" in err
+    # a file with arbitrary pickled objects is refused by weights_only loading
+    torch.save({"trainable": {}, "opt": argparse.Namespace(lr=1)}, last)
+    assert cli_main(["train", cfg, "--resume"]) == 2
+    assert "weights_only" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change,match", [
+    (["model.name=resnet14"], "model_name='resnet8'"),
+    (["method.name=uskd", "teacher=null"], "method='nkd'"),
+])
+def test_foreign_checkpoint_is_refused_and_left_untouched(tmp_path, capsys, change, match):
+    cfg = config(tmp_path, "run", epochs=1)
+    assert cli_main(["train", cfg]) == 0
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    before = sha(last)
+    assert cli_main(["train", cfg, "--resume", *change]) == 2
+    assert match in capsys.readouterr().err
+    assert sha(last) == before
+
+
+def test_wrong_teacher_checkpoint_lists_keys_and_shapes(tmp_path, capsys):
+    cfg = config(tmp_path, "t", epochs=1, method={"name": "ce"}, teacher=None)
+    assert cli_main(["train", cfg]) == 0
+    teacher = tmp_path / "t" / "checkpoints" / "last.pt"
+    kd = config(tmp_path, "kd", epochs=1, teacher={"name": "wrn_16_1", "num_classes": 10, "checkpoint": str(teacher)})
+    assert cli_main(["train", kd]) == 2
+    err = capsys.readouterr().err
+    assert "missing keys" in err and "unexpected keys" in err
+    kd = config(tmp_path, "kd2", epochs=1, teacher={"name": "resnet8", "num_classes": 100, "checkpoint": str(teacher)},
+                model={"name": "resnet8", "num_classes": 100})
+    assert cli_main(["train", kd]) == 2  # a 100-class teacher/student on a 10-class dataset
+    assert "synthetic_classes" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- 3. numerical faults
+def test_nan_loss_stops_the_run_and_never_overwrites_a_good_checkpoint(tmp_path):
+    cfg = config(tmp_path, "run")
+    # 192 samples / batch 16 = 12 steps per epoch: step 15 lies in epoch 2
+    res = nkd("train", cfg, extra_env={"NKD_FAULT_NAN_STEPS": "15"})
+    assert res.returncode == 1, res.stderr
+    assert "global step 15" in res.stderr and "loss_ce" in res.stderr
+    assert "last good checkpoint" in res.stderr and "last.pt" in res.stderr
+    ck = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert ck["epoch"] == 0  # epoch 1's checkpoint, never replaced by the poisoned epoch 2
+    assert all(v.isfinite().all() for v in ck["trainable"].values() if v.is_floating_point())
+
+
+def test_nan_policy_skip_skips_the_step_and_finishes(tmp_path):
+    cfg = config(tmp_path, "run", epochs=2)
+    res = nkd("train", cfg, "train.nan_policy=skip", extra_env={"NKD_FAULT_NAN_STEPS": "3,15"})
+    assert res.returncode == 0, res.stderr
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["skipped_steps"] == 2
+    assert rows[-1]["global_step"] == 2 * 12 - 2
+    assert "skipping step" in (tmp_path / "run" / "train.log").read_text()
+
+
+# ----------------------------------------------------------------------------- 4. bad configs and CLI input
+def test_every_config_problem_is_listed_before_training(tmp_path, capsys):
+    cfg = config(tmp_path, "run")
+    rc = cli_main(["train", cfg, "optim.lr=-0.1", "optim.momentom=0.9", "method.params.temperature=0",
+                   "data.batch_size=sixteen", "teacher.num_classes=100", "teacher.checkpoint=/no/such/teacher.pth",
+                   "model.num_classes=7"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    for needle in ("optim.lr: must be > 0", "optim.momentom: unknown key (did you mean 'momentum'?)",
+                   "method.params.temperature: must be > 0", "data.batch_size: expected int",
+                   "teacher.num_classes: 100 differs from model.num_classes 7",
+                   "teacher.checkpoint: file not found: /no/such/teacher.pth",
+                   "model.num_classes: 7 does not match the dataset's 10 classes"):
+        assert needle in err, needle
+    assert not (tmp_path / "run").exists()  # nothing started
+
+
+def test_missing_dataset_and_config_paths(tmp_path, capsys):
+    cfg = config(tmp_path, "run", data={"name": "cifar10", "root": str(tmp_path / "nope")}, model={"name": "resnet8",
+                                                                                                    "num_classes": 10})
+    assert cli_main(["train", cfg]) == 2
+    assert "data.root: path not found" in capsys.readouterr().err
+    assert cli_main(["train", str(tmp_path / "missing.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+    assert cli_main(["train", cfg, "novalue"]) == 2
+    assert "expected key=value" in capsys.readouterr().err
+    assert cli_main(["bogus"]) == 2
+
+
+# ----------------------------------------------------------------------------- 5. resource faults
+def test_unwritable_output_dir_is_reported_before_training(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    cfg = config(tmp_path, "run", epochs=1)
+    assert cli_main(["train", cfg, f"output_dir={blocker / 'run'}"]) == 2
+    assert "not writable" in capsys.readouterr().err
+
+
+def _limit_file_size(limit: int):
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of being killed
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path):
+    cfg = config(tmp_path, "run", epochs=2)
+    assert nkd("train", cfg, "schedule.epochs=1").returncode == 0
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    before = sha(last)
+    res = nkd("train", cfg, "--resume", preexec_fn=_limit_file_size(64_000))  # a "full disk" for big files
+    assert res.returncode == 1, res.stderr
+    assert "cannot write checkpoint" in res.stderr and "untouched" in res.stderr
+    assert sha(last) == before
+    assert not list(last.parent.glob("*.tmp-*"))
+    assert nkd("train", cfg, "--resume").returncode == 0  # space back: the run completes
+    assert load_checkpoint(last)["epoch"] == 1
