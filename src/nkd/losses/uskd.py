@@ -59,6 +59,14 @@ RANK_MODES = ("paper", "official")
 _EPS = 1e-6
 
 
+def _check_params(alpha: float, beta: float, mu: float, rank: str, reduction: str) -> None:
+    for name, val in (("alpha", alpha), ("beta", beta), ("mu", mu)):
+        check_nonnegative(name, val)
+    if rank not in RANK_MODES:
+        raise ValueError(f"rank must be one of {RANK_MODES}, got {rank!r}")
+    check_reduction(reduction)
+
+
 def uskd_targets(index: Tensor, soft: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """Targets ``[M, 2]``, weights ``v`` ``[M, 2]`` and the has-second-target mask ``[M]``.
 
@@ -175,11 +183,7 @@ def uskd_loss(
         raise ValueError(
             f"weak_logits must have the same shape as logits: got {tuple(weak_logits.shape)} vs {tuple(logits.shape)}"
         )
-    for name, val in (("alpha", alpha), ("beta", beta), ("mu", mu)):
-        check_nonnegative(name, val)
-    if rank not in RANK_MODES:
-        raise ValueError(f"rank must be one of {RANK_MODES}, got {rank!r}")
-    check_reduction(reduction)
+    _check_params(alpha, beta, mu, rank, reduction)
     rows = parse_rows(logits, target, ignore_index, name="logits")
     if rows.soft is not None and rows.num_classes < 3:
         raise ValueError(
@@ -229,11 +233,7 @@ class USKDLoss(nn.Module):
             raise ValueError(f"in_features must be a positive int, got {in_features!r}")
         if not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
-        for name, val in (("alpha", alpha), ("beta", beta), ("mu", mu)):
-            check_nonnegative(name, val)
-        if rank not in RANK_MODES:
-            raise ValueError(f"rank must be one of {RANK_MODES}, got {rank!r}")
-        check_reduction(reduction)
+        _check_params(alpha, beta, mu, rank, reduction)
         self.head = nn.Linear(in_features, num_classes)
         self.alpha, self.beta, self.mu = float(alpha), float(beta), float(mu)
         self.rank, self.reduction, self.ignore_index = rank, reduction, ignore_index

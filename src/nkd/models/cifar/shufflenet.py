@@ -40,8 +40,22 @@ class V1Block(nn.Module):
         return F.relu(torch.cat([out, res], 1) if self.stride == 2 else out + res)
 
 
-class ShuffleNetV1(ZooModel):
+class _ShuffleBase(ZooModel):
+    """Shared by V1 and V2: 1×1 stem ``conv1``/``bn1``, three stages ``layer1..3``, ``linear`` head."""
+
     weak_stage = 2  # stages = [stem, layer1, layer2, layer3]
+
+    def get_classifier(self) -> nn.Linear:
+        return self.linear
+
+    def forward_stages(self, x: Tensor) -> list[Tensor]:
+        out = [F.relu(self.bn1(self.conv1(x)))]
+        for layer in (self.layer1, self.layer2, self.layer3):
+            out.append(layer(out[-1]))
+        return out
+
+
+class ShuffleNetV1(_ShuffleBase):
 
     def __init__(self, num_classes: int = 100, widths=(240, 480, 960), blocks=(4, 8, 4), groups: int = 3):
         super().__init__()
@@ -59,14 +73,6 @@ class ShuffleNetV1(ZooModel):
         self.linear = nn.Linear(widths[2], num_classes)
         self.weak_channels = widths[1]
 
-    def get_classifier(self) -> nn.Linear:
-        return self.linear
-
-    def forward_stages(self, x: Tensor) -> list[Tensor]:
-        out = [F.relu(self.bn1(self.conv1(x)))]
-        for layer in (self.layer1, self.layer2, self.layer3):
-            out.append(layer(out[-1]))
-        return out
 
 
 class V2Block(nn.Module):
@@ -113,9 +119,7 @@ class V2Down(nn.Module):
         return channel_shuffle(torch.cat([left, right], 1), 2)
 
 
-class ShuffleNetV2(ZooModel):
-    weak_stage = 2
-
+class ShuffleNetV2(_ShuffleBase):
     def __init__(self, num_classes: int = 100, widths=(116, 232, 464, 1024), blocks=(3, 7, 3)):
         super().__init__()
         self.num_classes = num_classes
@@ -130,14 +134,6 @@ class ShuffleNetV2(ZooModel):
         self.linear = nn.Linear(widths[3], num_classes)
         self.weak_channels = widths[1]
 
-    def get_classifier(self) -> nn.Linear:
-        return self.linear
-
-    def forward_stages(self, x: Tensor) -> list[Tensor]:
-        out = [F.relu(self.bn1(self.conv1(x)))]
-        for layer in (self.layer1, self.layer2, self.layer3):
-            out.append(layer(out[-1]))
-        return out
 
     def forward_head(self, last: Tensor) -> tuple[Tensor, Tensor]:
         return super().forward_head(F.relu(self.bn2(self.conv2(last))))
