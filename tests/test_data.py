@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 
 import numpy as np
@@ -42,6 +43,24 @@ def test_cifar_pickle_archive_reads_through_torchvision(tmp_path, name, classes)
     assert torch.equal(train.images[0], first)
     key = "fine_labels" if name == "cifar100" else "labels"
     assert train.labels[0].item() == raw[key][0]
+
+
+def test_cifar_tar_gz_archive_is_verified_and_extracted_offline(tmp_path):
+    """The download path: an archive already in root with the right md5 is not fetched again but
+    verified and extracted by torchvision, then read."""
+    import tarfile
+
+    build = tmp_path / "build"
+    sums = make_cifar(build, "cifar100")
+    root = tmp_path / "root"
+    root.mkdir()
+    archive = root / "cifar-100-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        tf.add(build / "cifar-100-python", arcname="cifar-100-python")
+    sums["cifar-100-python.tar.gz"] = hashlib.md5(archive.read_bytes()).hexdigest()
+    ds = load_cifar(root, "cifar100", train=True, download=True, checksums=sums)
+    assert len(ds) == 20 and (root / "cifar-100-python" / "train").is_file()
+    assert torch.equal(ds.images, load_cifar(build, "cifar100", train=True, checksums=sums).images)
 
 
 def test_cifar_checksum_mismatch_and_missing_files_are_clear_errors(tmp_path):

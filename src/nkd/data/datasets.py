@@ -54,9 +54,10 @@ def _torchvision_cifar(name: str):
 
 
 def cifar_checksums(name: str) -> dict[str, str]:
-    """md5 of every file of the official python-pickle release (from torchvision)."""
+    """md5 of the official archive and of every file in it (from torchvision)."""
     cls = _torchvision_cifar(name)
-    return {f: md5 for f, md5 in cls.train_list + cls.test_list} | {cls.meta["filename"]: cls.meta["md5"]}
+    return ({f: md5 for f, md5 in cls.train_list + cls.test_list} | {cls.meta["filename"]: cls.meta["md5"]}
+            | {cls.filename: cls.tgz_md5})
 
 
 def _md5(path: Path) -> str:
@@ -77,8 +78,9 @@ def load_cifar(root: str | os.PathLike, name: str = "cifar100", train: bool = Tr
     base = _torchvision_cifar(name)
     sums = checksums or cifar_checksums(name)
     if not verify:
-        sums = {f: _md5(Path(root) / base.base_folder / f) for f in sums}
+        sums = {f: _md5(Path(root) / base.base_folder / f) for f in sums if f != base.filename}
     attrs = {
+        "tgz_md5": sums.get(base.filename, base.tgz_md5),  # the archive, checked before extracting
         "train_list": [[f, sums[f]] for f, _ in base.train_list],
         "test_list": [[f, sums[f]] for f, _ in base.test_list],
         "meta": {**base.meta, "md5": sums[base.meta["filename"]]},
