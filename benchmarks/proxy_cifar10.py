@@ -38,6 +38,10 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=5)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "proxy"))
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--teacher-epochs", type=int, default=None, help="teacher schedule length (default: --epochs)")
+    ap.add_argument("--methods", default="ce,kd,dkd,nkd,uskd", help="which student runs, e.g. kd,dkd,nkd")
+    ap.add_argument("--reuse", action="append", default=[],
+                    help="finished run folders to include in the report (e.g. CE/USKD runs of an earlier call)")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     out = Path(args.out)
@@ -49,12 +53,16 @@ def main() -> None:
               "train.tensorboard=false", "train.channels_last=true", f"train.eval_every={args.eval_every}"]
     t0 = time.perf_counter()
     teacher_dir = runs / "teacher_resnet56"
-    run_many([(str(CONFIGS / "teacher_resnet56.yaml"), [*common, f"output_dir={teacher_dir}"])], 1,
-             desc="teacher resnet56")
+    te = args.teacher_epochs or e
+    t_ms = [round(te * f) for f in (0.625, 0.75, 0.875)]
+    run_many([(str(CONFIGS / "teacher_resnet56.yaml"),
+               [*common, f"schedule.epochs={te}", f"schedule.milestones={t_ms}", f"output_dir={teacher_dir}"])], 1,
+             desc=f"teacher resnet56 ({te} epochs)")
     teacher_ckpt = f"teacher.checkpoint={teacher_dir / 'checkpoints' / 'best.pt'}"
     jobs = []
-    for name in ("ce_resnet20", "kd_resnet56_resnet20", "dkd_resnet56_resnet20", "nkd_resnet56_resnet20",
-                 "uskd_resnet20"):
+    names = {"ce": "ce_resnet20", "kd": "kd_resnet56_resnet20", "dkd": "dkd_resnet56_resnet20",
+             "nkd": "nkd_resnet56_resnet20", "uskd": "uskd_resnet20"}
+    for name in (names[m] for m in args.methods.split(",")):
         for s in seeds:
             ov = [*common, f"seed={s}", f"output_dir={runs / name / f'seed{s}'}"]
             if name.startswith(("kd", "dkd", "nkd")):
@@ -63,10 +71,12 @@ def main() -> None:
     run_many(jobs, args.workers, desc=f"students ({len(jobs)} runs)")
     hours = (time.perf_counter() - t0) / 3600
     pre = (f"CIFAR-10 (shared JPEG set), {args.subset}-image training subset, 10,000 test images, {e} epochs "
-           f"(×0.1 at {milestones}), bf16 autocast on a 2-core CPU, seeds {seeds}; teacher resnet56 (1 run). "
+           f"(×0.1 at {milestones}), bf16 autocast on a 2-core CPU, seeds {seeds}; teacher resnet56 (1 run, {te} "
+           f"epochs). "
            f"Wall time {hours:.2f} h. Command: `python benchmarks/proxy_cifar10.py --data DATA --seeds {args.seeds} "
-           f"--epochs {e} --subset {args.subset} --eval-every {args.eval_every}`. Best = best of the evaluated epochs.")
-    print(write_report([runs], out, title="Proxy benchmark: CIFAR-10, resnet56 → resnet20", preamble=pre))
+           f"--epochs {e} --subset {args.subset} --eval-every {args.eval_every} --teacher-epochs {te} --methods {args.methods}`"
+           f"{' plus reused runs ' + ', '.join(args.reuse) if args.reuse else ''}. Best = best of the evaluated epochs.")
+    print(write_report([runs, *args.reuse], out, title="Proxy benchmark: CIFAR-10, resnet56 → resnet20", preamble=pre))
 
 
 if __name__ == "__main__":
