@@ -77,7 +77,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from .config import load_config
     from .data.build import build_loaders
-    from .engine.trainer import Trainer
+    from .engine.trainer import evaluate_model
     from .models import create_model, load_weights
 
     cfg = load_config(args.config, args.overrides, check_files=False)
@@ -93,14 +93,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         load_weights(model, path)
     model.to(device)
-    ev = Trainer.__new__(Trainer)  # reuse the evaluation loop without building a training run
-    ev.cfg, ev.device, ev.amp_dtype = cfg, device, None
-    from .engine.distributed import DistInfo
-
-    ev.dist = DistInfo()
-    ev.loaders = build_loaders(cfg, device)
-    ev.trainable = None
-    result = ev.evaluate(model)
+    result = evaluate_model(model, build_loaders(cfg, device).eval, device)
     print(json.dumps({"checkpoint": str(path), **result}))
     return 0
 

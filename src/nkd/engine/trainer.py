@@ -82,6 +82,30 @@ def check_writable(run_dir: Path) -> None:
         raise ValueError(f"output_dir: {run_dir} is not writable ({e.strerror or e})") from e
 
 
+@torch.no_grad()
+def evaluate_model(model: nn.Module, loader, device: torch.device, amp_dtype: torch.dtype | None = None,
+                   info: DistInfo | None = None) -> dict[str, float]:
+    """Top-1/top-5 accuracy and mean CE on ``loader``, reduced across ranks from counts."""
+    was = model.training
+    model.eval()
+    stats = torch.zeros(4, device=device, dtype=torch.float64)  # correct1, correct5, n, loss_sum
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits = model(x)
+        logits = logits.float()
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        stats[0] += (top5[:, 0] == y).sum()
+        stats[1] += (top5 == y[:, None]).any(1).sum()
+        stats[2] += y.numel()
+        stats[3] += torch.nn.functional.cross_entropy(logits, y, reduction="sum")
+    all_reduce_sum(stats, info or DistInfo())
+    model.train(was)
+    n = max(float(stats[2]), 1.0)
+    return {"top1": 100 * float(stats[0]) / n, "top5": 100 * float(stats[1]) / n,
+            "eval_loss": float(stats[3]) / n, "eval_samples": int(stats[2])}
+
+
 class Trainer:
     def __init__(self, cfg: Config, resume: bool = False):
         self.cfg = cfg
@@ -386,27 +410,9 @@ class Trainer:
             return True
         raise NonFiniteError(msg + " (set train.nan_policy=skip to skip such steps)")
 
-    @torch.no_grad()
     def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
-        model = model or self.trainable.student
-        was = model.training
-        model.eval()
-        stats = torch.zeros(4, device=self.device, dtype=torch.float64)  # correct1, correct5, n, loss_sum
-        for x, y in self.loaders.eval:
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            with self._autocast():
-                logits = model(x)
-            logits = logits.float()
-            top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            stats[0] += (top5[:, 0] == y).sum()
-            stats[1] += (top5 == y[:, None]).any(1).sum()
-            stats[2] += y.numel()
-            stats[3] += torch.nn.functional.cross_entropy(logits, y, reduction="sum")
-        all_reduce_sum(stats, self.dist)
-        model.train(was)
-        n = max(float(stats[2]), 1.0)
-        return {"top1": 100 * float(stats[0]) / n, "top5": 100 * float(stats[1]) / n,
-                "eval_loss": float(stats[3]) / n, "eval_samples": int(stats[2])}
+        return evaluate_model(model or self.trainable.student, self.loaders.eval, self.device, self.amp_dtype,
+                              self.dist)
 
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
