@@ -69,6 +69,13 @@ def load_arrays(d) -> tuple[ArrayDataset, ArrayDataset]:
             load_image_folder(_split_dir(root, ("test", "val")), cache_dir=d.cache_dir))
 
 
+def make_mix(d, num_classes: int) -> MixupCutmix | None:
+    """MixUp/CutMix/label smoothing from the data config, or None when all are off."""
+    if d.mixup > 0 or d.cutmix > 0 or d.label_smoothing > 0:
+        return MixupCutmix(num_classes, d.mixup, d.cutmix, label_smoothing=d.label_smoothing)
+    return None
+
+
 def per_process_batch(d, world_size: int) -> int:
     if d.global_batch_size is None:
         return d.batch_size
@@ -91,15 +98,10 @@ def build_loaders(cfg, device: torch.device, rank: int = 0, world_size: int = 1)
         ev, _, _ = folder_loader(str(_split_dir(root, ("val", "test"))), d.eval_batch_size, train=False,
                                  image_size=d.image_size, num_workers=d.num_workers, rank=rank,
                                  world_size=world_size, seed=cfg.seed, mean=mean, std=std)
-        mix = None
-        if d.mixup > 0 or d.cutmix > 0 or d.label_smoothing > 0:
-            mix = MixupCutmix(len(classes), d.mixup, d.cutmix, label_smoothing=d.label_smoothing)
-        return Loaders(train, ev, len(classes), sampler, mix)
+        return Loaders(train, ev, len(classes), sampler, make_mix(d, len(classes)))
     tr, te = load_arrays(d)
     tr = tr.subset(d.train_subset, d.subset_seed)
-    mix = None
-    if d.mixup > 0 or d.cutmix > 0 or d.label_smoothing > 0:
-        mix = MixupCutmix(tr.num_classes, d.mixup, d.cutmix, label_smoothing=d.label_smoothing)
+    mix = make_mix(d, tr.num_classes)
     channels_last = cfg.train.channels_last
     train = DeviceLoader(tr, batch, train=True, device=device, mean=mean, std=std, pad=d.crop_padding, flip=d.flip,
                          mix=mix, seed=cfg.seed,
