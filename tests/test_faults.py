@@ -238,3 +238,55 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path):
     assert not list(last.parent.glob("*.tmp-*"))
     assert nkd("train", cfg, "--resume").returncode == 0  # space back: the run completes
     assert load_checkpoint(last)["epoch"] == 1
+
+
+def torchrun(cfg: str, *args: str, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args, "-m", "nkd", "train",
+           cfg, "--resume"]
+    return subprocess.run(cmd, env=env(OMP_NUM_THREADS="1", **(extra_env or {})), capture_output=True, text=True,
+                          timeout=180)  # a run takes ~10 s; a stale-store restart can hang on gloo's connect
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("store", ["shared", "fresh"])
+def test_ddp_worker_killed_then_torchrun_restart_resumes(tmp_path, store):
+    """Rank 1 is SIGKILLed at the start of epoch 3; torchrun --max-restarts=1 restarts both workers, they
+    resume from last.pt (epoch 2) and finish with the weights of an uninterrupted 2-process run.
+    ``shared``: torchrun lends its rendezvous store to the workers (torch's default), which keeps keys
+    across restarts; ``fresh``: TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, a new store per restart."""
+    extra = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"} if store == "fresh" else {}
+    sections = dict(data={"synthetic_samples": 64, "batch_size": 8}, train={"max_steps_per_epoch": 3})
+    ref = torchrun(config(tmp_path, "ref", **sections), extra_env=extra)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    once = tmp_path / "killed-once"
+    kill = {"NKD_FAULT_KILL_RANK": "1", "NKD_FAULT_KILL_EPOCH": "3", "NKD_FAULT_ONCE_FILE": str(once)}
+    res = torchrun(config(tmp_path, "run", **sections), "--max-restarts=1", extra_env={**extra, **kill})
+    log = res.stdout + res.stderr
+    assert res.returncode == 0, log[-4000:]
+    assert once.read_text() == "killed rank 1 at epoch 3\n"
+    assert "resumed from" in log and "after epoch 2 of 4, step 6 (torchrun restart 1)" in log
+    assert same(weights(tmp_path / "run"), weights(tmp_path / "ref"))
+    epochs = [json.loads(line)["epoch"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3, 4]
+
+
+def test_each_torchrun_attempt_gets_its_own_store_keys(monkeypatch):
+    """Deterministic core of the restart fix: keys written in attempt 0 of a shared agent store (e.g. a
+    dead rank's gloo address) are invisible to attempt 1."""
+    import torch.distributed as dist
+
+    from nkd.engine.distributed import restart_safe_store
+
+    server = dist.TCPStore("127.0.0.1", 0, 1, is_master=True)
+    for k, v in {"TORCHELASTIC_USE_AGENT_STORE": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(server.port),
+                 "TORCHELASTIC_RUN_ID": "job", "GROUP_WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    first = restart_safe_store(2)
+    first.set("default_pg/0//cpu//rank_0", "dead address")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    second = restart_safe_store(2)
+    assert not second.check(["default_pg/0//cpu//rank_0"])
+    assert first.check(["default_pg/0//cpu//rank_0"])
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")
+    assert restart_safe_store(2) is None  # torch's own env:// path when the store is not shared

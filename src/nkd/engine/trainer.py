@@ -272,7 +272,10 @@ class Trainer:
         self.best = dict(ck["best"])
         self.history = json.loads(ck["history"])
         set_rng_state(ck["rng"])
-        log.info("resumed from %s after epoch %d (step %d)", path, self.start_epoch - 1, self.global_step)
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        why = f" (torchrun restart {restart})" if restart else ""
+        log.info("resumed from %s after epoch %d of %d, step %d%s", path, self.start_epoch, self.cfg.schedule.epochs,
+                 self.global_step, why)
 
     # ------------------------------------------------------------------ loop
     def steps_per_epoch(self) -> int:
