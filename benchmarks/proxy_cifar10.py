@@ -40,6 +40,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--teacher-epochs", type=int, default=None, help="teacher schedule length (default: --epochs)")
     ap.add_argument("--methods", default="ce,kd,dkd,nkd,uskd", help="which student runs, e.g. kd,dkd,nkd")
+    ap.add_argument("--variant", action="append", default=[], metavar="METHOD:KEY=V,KEY=V",
+                    help="extra student runs with other method parameters, e.g. nkd:temperature=1,gamma=1.5 (repeatable)")
+    ap.add_argument("--teacher", default=None, help="an already trained teacher checkpoint (skips teacher training)")
     ap.add_argument("--reuse", action="append", default=[],
                     help="finished run folders to include in the report (e.g. CE/USKD runs of an earlier call)")
     args = ap.parse_args()
@@ -55,26 +58,34 @@ def main() -> None:
     teacher_dir = runs / "teacher_resnet56"
     te = args.teacher_epochs or e
     t_ms = [round(te * f) for f in (0.625, 0.75, 0.875)]
-    run_many([(str(CONFIGS / "teacher_resnet56.yaml"),
-               [*common, f"schedule.epochs={te}", f"schedule.milestones={t_ms}", f"output_dir={teacher_dir}"])], 1,
-             desc=f"teacher resnet56 ({te} epochs)")
-    teacher_ckpt = f"teacher.checkpoint={teacher_dir / 'checkpoints' / 'best.pt'}"
-    jobs = []
+    if args.teacher is None:
+        run_many([(str(CONFIGS / "teacher_resnet56.yaml"),
+                   [*common, f"schedule.epochs={te}", f"schedule.milestones={t_ms}", f"output_dir={teacher_dir}"])], 1,
+                 desc=f"teacher resnet56 ({te} epochs)")
+    teacher_ckpt = f"teacher.checkpoint={args.teacher or teacher_dir / 'checkpoints' / 'best.pt'}"
     names = {"ce": "ce_resnet20", "kd": "kd_resnet56_resnet20", "dkd": "dkd_resnet56_resnet20",
              "nkd": "nkd_resnet56_resnet20", "uskd": "uskd_resnet20"}
-    for name in (names[m] for m in args.methods.split(",")):
+    students = [(names[m], names[m], []) for m in filter(None, args.methods.split(","))]
+    for v in args.variant:  # METHOD:key=v,key=v -> its own run folder, the parameters as overrides
+        method, _, kvs = v.partition(":")
+        pairs = [kv.split("=", 1) for kv in kvs.split(",") if kv]
+        tag = "_".join(f"{k}{x}" for k, x in pairs)
+        students.append((names[method], f"{names[method]}_{tag}", [f"method.params.{k}={x}" for k, x in pairs]))
+    jobs = []
+    for config, name, extra in students:
         for s in seeds:
-            ov = [*common, f"seed={s}", f"output_dir={runs / name / f'seed{s}'}"]
+            ov = [*common, *extra, f"seed={s}", f"output_dir={runs / name / f'seed{s}'}"]
             if name.startswith(("kd", "dkd", "nkd")):
                 ov.append(teacher_ckpt)
-            jobs.append((str(CONFIGS / f"{name}.yaml"), ov))
+            jobs.append((str(CONFIGS / f"{config}.yaml"), ov))
     run_many(jobs, args.workers, desc=f"students ({len(jobs)} runs)")
     hours = (time.perf_counter() - t0) / 3600
     pre = (f"CIFAR-10 (shared JPEG set), {args.subset}-image training subset, 10,000 test images, {e} epochs "
            f"(×0.1 at {milestones}), bf16 autocast on a 2-core CPU, seeds {seeds}; teacher resnet56 (1 run, {te} "
            f"epochs). "
            f"Wall time {hours:.2f} h. Command: `python benchmarks/proxy_cifar10.py --data DATA --seeds {args.seeds} "
-           f"--epochs {e} --subset {args.subset} --eval-every {args.eval_every} --teacher-epochs {te} --methods {args.methods}`"
+           f"--epochs {e} --subset {args.subset} --eval-every {args.eval_every} --teacher-epochs {te} --methods {args.methods}"
+           f"{''.join(' --variant ' + v for v in args.variant)}`"
            f"{' plus reused runs ' + ', '.join(args.reuse) if args.reuse else ''}. Best = best of the evaluated epochs.")
     print(write_report([runs, *args.reuse], out, title="Proxy benchmark: CIFAR-10, resnet56 → resnet20", preamble=pre))
 

@@ -46,6 +46,21 @@ def test_report_groups_several_methods(tmp_path, capsys):
     assert cli_main(["report", str(tmp_path / "nothing")]) == 2
 
 
+def test_report_splits_a_hyper_parameter_sweep(tmp_path, capsys):
+    """Runs of one method that differ in a parameter are separate rows, labelled by that parameter
+    only; seeds with the same parameters stay one group. The summary records the resolved parameters."""
+    for eps, seed in ((0.1, 0), (0.1, 1), (0.3, 0)):
+        cfg = write_config(tmp_path / "c.yaml", output_dir=str(tmp_path / "runs" / f"ls{eps}_{seed}"), seed=seed,
+                           method={"name": "ls", "params": {"epsilon": eps}}, schedule={"name": "constant", "epochs": 1})
+        assert cli_main(["train", cfg]) == 0
+    summary = json.loads((tmp_path / "runs" / "ls0.3_0" / "summary.json").read_text())
+    assert summary["method_params"] == {"epsilon": 0.3}
+    capsys.readouterr()
+    assert cli_main(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "rep")]) == 0
+    out = capsys.readouterr().out
+    assert "| ls resnet8 (epsilon=0.1) | 2 |" in out and "| ls resnet8 (epsilon=0.3) | 1 |" in out
+
+
 def test_sweep_rejects_bad_seeds_and_configs(tmp_path, capsys):
     cfg = write_config(tmp_path / "c.yaml")
     assert cli_main(["sweep", cfg, "--seeds", "a,b"]) == 2

@@ -1,7 +1,9 @@
 """Aggregate finished runs into a table (mean ± std over seeds; best and last epoch) and figures.
 
 A run is any directory holding ``summary.json`` and ``metrics.jsonl`` (what the Trainer writes).
-Runs are grouped by label = method + student (+ teacher); seeds are the group's members.
+Runs are grouped by label = method + student (+ teacher) + method parameters; seeds are the
+group's members. Parameters appear in a label only where runs of the same method and models
+differ in them (a hyper-parameter sweep), e.g. ``nkd resnet20 ← resnet56 (temperature=1, gamma=1.5)``.
 """
 
 from __future__ import annotations
@@ -45,11 +47,27 @@ def label_of(summary: dict) -> str:
     return f"{base} ← {summary['teacher']}" if summary.get("teacher") else base
 
 
+def _differing(params: list[dict]) -> list[str]:
+    keys = sorted({k for p in params for k in p})
+    return [k for k in keys if len({json.dumps(p.get(k)) for p in params}) > 1]
+
+
+def _fmt(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
 def collect(paths: list[str | Path]) -> list[Group]:
+    runs = [(run, json.loads((run / "summary.json").read_text())) for run in find_runs(paths)]
+    by_base: dict[str, list[dict]] = {}
+    for _, s in runs:
+        by_base.setdefault(label_of(s), []).append(s.get("method_params") or {})
+    shown = {base: _differing(ps) for base, ps in by_base.items()}
     groups: dict[str, Group] = {}
-    for run in find_runs(paths):
-        s = json.loads((run / "summary.json").read_text())
-        g = groups.setdefault(label_of(s), Group(label_of(s), s["method"]))
+    for run, s in runs:
+        base, params = label_of(s), s.get("method_params") or {}
+        keys = shown[base]
+        label = f"{base} ({', '.join(f'{k}={_fmt(params.get(k))}' for k in keys)})" if keys else base
+        g = groups.setdefault(label, Group(label, s["method"]))
         g.runs.append({**s, "dir": str(run)})
         curve = [r["top1"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "top1" in r]
         g.curves.append(curve)

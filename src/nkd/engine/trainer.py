@@ -13,6 +13,7 @@ Run directory (``cfg.output_dir``), written by rank 0 only::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -460,7 +461,8 @@ class Trainer:
     def finish(self) -> dict[str, Any]:
         last = next((r for r in reversed(self.history) if "top1" in r), {})
         summary = {
-            "method": self.cfg.method.name, "student": self.cfg.model.name,
+            "method": self.cfg.method.name, "method_params": dataclasses.asdict(self.method.p),
+            "student": self.cfg.model.name,
             "teacher": self.cfg.teacher.name if self.cfg.teacher else None, "seed": self.cfg.seed,
             "epochs": self.cfg.schedule.epochs, "best_top1": self.best.get("top1"),
             "best_top5": self.best.get("top5"), "best_epoch": self.best.get("epoch"),
