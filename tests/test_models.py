@@ -172,3 +172,33 @@ def test_timm_vit_weak_feature_is_cls_token_after_half_the_blocks():
             h = blk(h)
         torch.testing.assert_close(feats["weak"], h[:, 0])
         torch.testing.assert_close(logits, m(x))
+
+
+# Logits of the CRD reference implementations (HobbitLong/RepDistiller models/mobilenetv2.py,
+# ShuffleNetv1.py, ShuffleNetv2.py, run side by side on 2026-11-28, not vendored), float64, eval mode,
+# every float tensor of the state dict filled in key order from torch.Generator seed 0 (N(0, 0.1²);
+# running_var |·| + 0.5), input N(0, 1) from seed 1, shape (2, 3, 32, 32), 100 classes:
+# (first four logits of sample 0, sum of all logits, sum of |logits|).
+REFERENCE_LOGITS = {
+    "mobilenetv2": ([-0.488169, 0.006782, 0.288575, -0.177665], -4.290824, 45.667255),
+    "shufflev1": ([0.582914, 0.481258, -0.387875, -0.825054], -0.323889, 137.459236),
+    "shufflev2": ([0.379022, 0.19773, 0.113137, -0.145712], 5.224377, 38.115767),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE_LOGITS))
+def test_mobile_students_compute_what_the_crd_reference_computes(name):
+    """Same state-dict keys in the same order and the same function as the reference code."""
+    model = create_model(name, num_classes=100).double().eval()
+    sd = model.state_dict()
+    g = torch.Generator().manual_seed(0)
+    for k, v in sd.items():
+        if v.dtype.is_floating_point:
+            r = torch.randn(v.shape, generator=g, dtype=torch.float64) * 0.1
+            v.copy_(r.abs() + 0.5 if k.endswith("running_var") else r)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with torch.no_grad():
+        y, _ = model(x, return_features=True)
+    first, total, l1 = REFERENCE_LOGITS[name]
+    torch.testing.assert_close(y[0, :4], torch.tensor(first, dtype=torch.float64), atol=2e-6, rtol=0)
+    assert abs(y.sum().item() - total) < 1e-5 and abs(y.abs().sum().item() - l1) < 1e-5
