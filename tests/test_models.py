@@ -174,21 +174,45 @@ def test_timm_vit_weak_feature_is_cls_token_after_half_the_blocks():
         torch.testing.assert_close(logits, m(x))
 
 
-# Logits of the CRD reference implementations (HobbitLong/RepDistiller models/mobilenetv2.py,
-# ShuffleNetv1.py, ShuffleNetv2.py, run side by side on 2026-11-28, not vendored), float64, eval mode,
-# every float tensor of the state dict filled in key order from torch.Generator seed 0 (N(0, 0.1²);
-# running_var |·| + 0.5), input N(0, 1) from seed 1, shape (2, 3, 32, 32), 100 classes:
-# (first four logits of sample 0, sum of all logits, sum of |logits|).
+# Logits of the reference implementations, run side by side on 2026-11-28 (not vendored): CRD's
+# HobbitLong/RepDistiller models/{resnet,wrn,vgg (the *_bn variants its model_dict uses),mobilenetv2,
+# ShuffleNetv1,ShuffleNetv2,resnetv2}.py; resnet18_cifar / resnet34_cifar against its resnetv2
+# ResNet18 / ResNet34. float64, eval mode, every float tensor of the state dict filled in key order
+# from torch.Generator seed 0 (N(0, 0.1^2); running_var |.| + 0.5), input N(0, 1) from seed 1, shape
+# (2, 3, 32, 32), 100 classes: (first four logits of sample 0, sum of all logits, sum of |logits|).
+# Our state-dict keys come in the reference's order, so the same fill gives the same weights.
 REFERENCE_LOGITS = {
+    "resnet8": ([-0.077953, -0.10949, -0.109713, -0.086929], -0.622337, 17.453138),
+    "resnet14": ([0.260216, -0.110755, -0.27953, 0.356481], 1.712122, 21.378913),
+    "resnet20": ([-0.2373, 0.199768, 0.074449, 0.023357], 4.66331, 31.555652),
+    "resnet32": ([0.087753, 0.234462, 0.004514, 0.273515], -0.618887, 30.025247),
+    "resnet44": ([0.274966, 0.159054, 0.308054, 0.383145], -0.904526, 42.157602),
+    "resnet56": ([0.209077, -0.336063, 0.245236, -0.026031], 4.960791, 37.757156),
+    "resnet110": ([0.318498, -0.272699, 0.466789, 0.508766], -2.533035, 58.961143),
+    "resnet8x4": ([-0.300095, 0.024, 0.107318, 0.554569], -0.780439, 27.187537),
+    "resnet32x4": ([0.178532, -0.360038, 0.345637, -0.113387], 19.423771, 55.276681),
+    "wrn_16_1": ([-0.109171, 0.093907, -0.067628, 0.046635], 1.674523, 19.03222),
+    "wrn_16_2": ([-0.015716, -0.17729, -0.139028, 0.004775], -0.033434, 22.082888),
+    "wrn_40_1": ([0.260128, -0.005968, -0.106346, 0.057553], 4.134036, 18.969446),
+    "wrn_40_2": ([0.25594, 0.056621, -0.256215, -0.127951], 1.215082, 21.051493),
+    "vgg8": ([0.044036, -0.125013, 0.082693, -0.082897], 0.398362, 28.529845),
+    "vgg11": ([-0.01838, -0.335962, -0.092912, 0.125715], 8.827433, 31.505287),
+    "vgg13": ([-0.231101, 0.221558, -0.014173, 0.017609], -7.588617, 39.448195),
+    "vgg16": ([0.03509, 0.118109, 0.152755, 0.026543], 1.886173, 39.447889),
+    "vgg19": ([0.249503, 0.01294, 0.068099, 0.331676], 3.552316, 33.089729),
     "mobilenetv2": ([-0.488169, 0.006782, 0.288575, -0.177665], -4.290824, 45.667255),
     "shufflev1": ([0.582914, 0.481258, -0.387875, -0.825054], -0.323889, 137.459236),
     "shufflev2": ([0.379022, 0.19773, 0.113137, -0.145712], 5.224377, 38.115767),
+    "resnet50": ([0.861059, 1.488019, 0.157545, -0.543701], -32.524688, 121.538725),
+    "resnet18_cifar": ([-0.129555, 0.087963, -0.160099, 0.267769], 19.091919, 58.762969),
+    "resnet34_cifar": ([0.430999, -0.258085, 0.446784, 0.150177], -6.166701, 75.73247),
 }
 
 
 @pytest.mark.parametrize("name", sorted(REFERENCE_LOGITS))
-def test_mobile_students_compute_what_the_crd_reference_computes(name):
-    """Same state-dict keys in the same order and the same function as the reference code."""
+def test_zoo_computes_what_the_reference_code_computes(name):
+    """Same state-dict keys in the same order and the same function as the reference code: a
+    RepDistiller / mdistiller checkpoint gives the logits it gave there."""
     model = create_model(name, num_classes=100).double().eval()
     sd = model.state_dict()
     g = torch.Generator().manual_seed(0)
