@@ -61,7 +61,7 @@ def main() -> None:
     if args.teacher is None:
         run_many([(str(CONFIGS / "teacher_resnet56.yaml"),
                    [*common, f"schedule.epochs={te}", f"schedule.milestones={t_ms}", f"output_dir={teacher_dir}"])], 1,
-                 desc=f"teacher resnet56 ({te} epochs)")
+                 desc=f"teacher resnet56 ({te} epochs)", resume=True)
     teacher_ckpt = f"teacher.checkpoint={args.teacher or teacher_dir / 'checkpoints' / 'best.pt'}"
     names = {"ce": "ce_resnet20", "kd": "kd_resnet56_resnet20", "dkd": "dkd_resnet56_resnet20",
              "nkd": "nkd_resnet56_resnet20", "uskd": "uskd_resnet20"}
@@ -78,7 +78,7 @@ def main() -> None:
             if name.startswith(("kd", "dkd", "nkd")):
                 ov.append(teacher_ckpt)
             jobs.append((str(CONFIGS / f"{config}.yaml"), ov))
-    run_many(jobs, args.workers, desc=f"students ({len(jobs)} runs)")
+    run_many(jobs, args.workers, desc=f"students ({len(jobs)} runs)", resume=True)  # a rerun continues
     hours = (time.perf_counter() - t0) / 3600
     pre = (f"CIFAR-10 (shared JPEG set), {args.subset}-image training subset, 10,000 test images, {e} epochs "
            f"(×0.1 at {milestones}), bf16 autocast on a 2-core CPU, seeds {seeds}; teacher resnet56 (1 run, {te} "

@@ -109,10 +109,35 @@ def test_truncated_last_checkpoint_falls_back_to_the_previous_one(tmp_path, refe
     assert load_checkpoint(ck / "prev.pt")["epoch"] == 2
     data = (ck / "last.pt").read_bytes()
     (ck / "last.pt").write_bytes(data[: len(data) // 2])  # a torn file, as after a disk fault
-    (tmp_path / "run" / "metrics.jsonl").write_text(
-        "\n".join((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[:3]) + "\n")
     assert cli_main(["train", cfg, "--resume"]) == 0  # resumes after epoch 3 from prev.pt, redoes epoch 4
     assert same(weights(tmp_path / "run"), reference)
+    assert epochs_logged(tmp_path / "run") == [1, 2, 3, 4]  # epoch 4 redone, listed once
+
+
+def epochs_logged(run: Path) -> list[int]:
+    return [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_second_fresh_start_never_replaces_a_runs_checkpoints(tmp_path, capsys):
+    """A repeated command (or a restarted job launched without --resume) is refused instead of
+    overwriting the run's checkpoints; --overwrite starts again on purpose, with a clean metrics.jsonl."""
+    cfg = config(tmp_path, "run", epochs=2)
+    assert cli_main(["train", cfg]) == 0
+    ck = tmp_path / "run" / "checkpoints"
+    before = {p.name: sha(p) for p in ck.glob("*.pt")}
+    capsys.readouterr()
+    assert cli_main(["train", cfg, "schedule.epochs=3"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds checkpoints" in err and "--resume" in err and "--overwrite" in err
+    assert {p.name: sha(p) for p in ck.glob("*.pt")} == before
+    assert cli_main(["train", cfg, "--resume", "--overwrite"]) == 2
+    assert "not allowed with argument --resume" in capsys.readouterr().err
+    assert cli_main(["train", cfg, "--overwrite", "schedule.epochs=1"]) == 0
+    assert epochs_logged(tmp_path / "run") == [1]
+    assert load_checkpoint(ck / "last.pt")["epoch"] == 0 and not (ck / "prev.pt").exists()
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["epochs"] == 1
+    assert cli_main(["train", cfg, "--resume", "schedule.epochs=1"]) == 0  # finished: nothing retrained
+    assert epochs_logged(tmp_path / "run") == [1] and load_checkpoint(ck / "last.pt")["epoch"] == 0
 
 
 def test_unreadable_checkpoints_are_clear_errors(tmp_path, capsys):
@@ -266,8 +291,7 @@ def test_ddp_worker_killed_then_torchrun_restart_resumes(tmp_path, store):
     assert once.read_text() == "killed rank 1 at epoch 3\n"
     assert "resumed from" in log and "after epoch 2 of 4, step 6 (torchrun restart 1)" in log
     assert same(weights(tmp_path / "run"), weights(tmp_path / "ref"))
-    epochs = [json.loads(line)["epoch"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert epochs == [1, 2, 3, 4]
+    assert epochs_logged(tmp_path / "run") == [1, 2, 3, 4]
 
 
 def test_each_torchrun_attempt_gets_its_own_store_keys(monkeypatch):

@@ -38,7 +38,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides, check_files=True)
     try:
-        trainer = Trainer(cfg, resume=args.resume)
+        trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
     except (ValueError, OSError) as e:  # setup problems: bad checkpoint, data, output dir
         return _bad_input(str(e))
     try:
@@ -68,7 +68,11 @@ def _exit_worker(code: int) -> int:
 def _train_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML experiment file")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=0.1 seed=3")
-    p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoints/last.pt")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true",
+                       help="continue from OUTPUT_DIR/checkpoints/last.pt (from scratch if there is none)")
+    start.add_argument("--overwrite", action="store_true",
+                   help="delete the checkpoints already in OUTPUT_DIR and start again (refused otherwise)")
 
 
 @command("eval", "evaluate a checkpoint on the config's evaluation split")
@@ -166,7 +170,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from .sweep import sweep
 
     load_config(args.config, args.overrides, check_files=True)
-    dirs = sweep(args.config, args.seeds, args.overrides, args.workers)
+    dirs = sweep(args.config, args.seeds, args.overrides, args.workers, resume=args.resume, overwrite=args.overwrite)
     out = Path(args.report_dir) if args.report_dir else dirs[0].parent
     print(write_report(dirs, out, title=f"sweep of {args.config}"))
     print(f"report: {out / 'report.md'}")
@@ -179,6 +183,9 @@ def _sweep_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=_seed_list, default=[0, 1, 2], help="e.g. 0,1,2")
     p.add_argument("--workers", type=int, default=None, help="parallel runs (default: one per core)")
     p.add_argument("--report-dir", help="where report.md goes (default: the config's output_dir)")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true", help="continue each seed's run (finished ones are not retrained)")
+    start.add_argument("--overwrite", action="store_true", help="delete the seeds' existing checkpoints and start again")
 
 
 @command("report", "aggregate finished runs into a table and figures")

@@ -35,7 +35,7 @@ def run_demo(out: str | Path = "demo_out", seeds: tuple[int, ...] = (0, 1, 2), e
     base = [*BASE, f"schedule.epochs={epochs}"]
     teacher_dir = runs / "teacher"
     run_many([(None, [*base, f"model.name={TEACHER}", "method.name=ce", f"output_dir={teacher_dir}"])], 1,
-             desc=f"teacher {TEACHER}")
+             desc=f"teacher {TEACHER}", overwrite=True)
     teacher = f"teacher={{name: {TEACHER}, num_classes: 10, checkpoint: {teacher_dir / 'checkpoints' / 'best.pt'}}}"
     jobs = []
     for method in STUDENT_METHODS:
@@ -45,7 +45,8 @@ def run_demo(out: str | Path = "demo_out", seeds: tuple[int, ...] = (0, 1, 2), e
             if method in ("kd", "dkd", "nkd"):
                 ov.append(teacher)
             jobs.append((None, ov))
-    run_many(jobs, workers, desc=f"students {STUDENT} ({len(STUDENT_METHODS)} methods x {len(seeds)} seeds)")
+    run_many(jobs, workers, desc=f"students {STUDENT} ({len(STUDENT_METHODS)} methods x {len(seeds)} seeds)",
+             overwrite=True)  # the demo's own folder: a rerun starts again
     minutes = (time.perf_counter() - t0) / 60
     preamble = (f"scikit-learn digits (real 8×8 scans), 200 training images, 450 test images; teacher "
                 f"{TEACHER} (1 run), students {STUDENT}, {epochs} epochs, SGD + cosine, seeds {list(seeds)}. "

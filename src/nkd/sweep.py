@@ -7,7 +7,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 
-def _run_one(config: str | None, overrides: list[str], threads: int) -> dict:
+def _run_one(config: str | None, overrides: list[str], threads: int, resume: bool, overwrite: bool) -> dict:
     import torch
 
     torch.set_num_threads(threads)
@@ -15,13 +15,15 @@ def _run_one(config: str | None, overrides: list[str], threads: int) -> dict:
     from .engine import Trainer
 
     cfg = load_config(config, overrides, check_files=True)
-    return Trainer(cfg).fit()
+    return Trainer(cfg, resume=resume, overwrite=overwrite).fit()
 
 
-def run_many(jobs: list[tuple[str | None, list[str]]], workers: int | None = None, desc: str | None = None) -> list[dict]:
+def run_many(jobs: list[tuple[str | None, list[str]]], workers: int | None = None, desc: str | None = None,
+             resume: bool = False, overwrite: bool = False) -> list[dict]:
     """Run ``(config, overrides)`` jobs; ``workers`` processes with ``cores / workers`` threads each.
 
-    With ``desc`` a progress bar counts finished runs.
+    With ``desc`` a progress bar counts finished runs. ``resume`` / ``overwrite`` as for
+    :class:`nkd.engine.Trainer` (a finished run resumed is not retrained; it only re-reports).
     """
     from tqdm import tqdm
 
@@ -31,7 +33,7 @@ def run_many(jobs: list[tuple[str | None, list[str]]], workers: int | None = Non
     if workers == 1:
         results = []
         for c, o in jobs:
-            results.append(_run_one(c, o, max(1, cores)))
+            results.append(_run_one(c, o, max(1, cores), resume, overwrite))
             bar.update(1)
         bar.close()
         return results
@@ -39,14 +41,15 @@ def run_many(jobs: list[tuple[str | None, list[str]]], workers: int | None = Non
     import multiprocessing as mp
 
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
-        futures = [ex.submit(_run_one, c, o, threads) for c, o in jobs]
+        futures = [ex.submit(_run_one, c, o, threads, resume, overwrite) for c, o in jobs]
         for _ in as_completed(futures):
             bar.update(1)
         bar.close()
         return [f.result() for f in futures]
 
 
-def sweep(config: str, seeds: list[int], overrides: list[str], workers: int | None = None) -> list[Path]:
+def sweep(config: str, seeds: list[int], overrides: list[str], workers: int | None = None, resume: bool = False,
+          overwrite: bool = False) -> list[Path]:
     """Train ``config`` once per seed into ``<output_dir>/seed<k>``; returns the run directories."""
     from .config import load_config
 
@@ -54,5 +57,5 @@ def sweep(config: str, seeds: list[int], overrides: list[str], workers: int | No
     dirs = [Path(base.output_dir) / f"seed{s}" for s in seeds]
     jobs = [(config, [*overrides, f"seed={s}", f"output_dir={d}", "train.progress=false",
                        "train.console=false"]) for s, d in zip(seeds, dirs)]
-    run_many(jobs, workers, desc=f"{Path(config).stem}: {len(seeds)} seeds")
+    run_many(jobs, workers, desc=f"{Path(config).stem}: {len(seeds)} seeds", resume=resume, overwrite=overwrite)
     return dirs

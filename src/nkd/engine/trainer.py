@@ -108,7 +108,11 @@ def evaluate_model(model: nn.Module, loader, device: torch.device, amp_dtype: to
 
 
 class Trainer:
-    def __init__(self, cfg: Config, resume: bool = False):
+    def __init__(self, cfg: Config, resume: bool = False, overwrite: bool = False):
+        """``resume``: continue from ``output_dir/checkpoints/last.pt`` (from scratch if there is none).
+        Without it, an ``output_dir`` that already holds checkpoints is refused (ValueError) unless
+        ``overwrite``, which deletes them first: a restarted or repeated command never silently
+        replaces a run's progress."""
         self.cfg = cfg
         self.dist = init_distributed("cuda" if cfg.train.device in ("cuda", "auto") and torch.cuda.is_available()
                                      else "cpu")
@@ -120,6 +124,8 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         if self.dist.is_main:
             check_writable(self.run_dir)
+        if not resume:
+            self._claim_run_dir(overwrite)
         self._setup_logging()
 
         self.loaders = build_loaders(cfg, self.device, self.dist.rank, self.dist.world_size)
@@ -168,6 +174,10 @@ class Trainer:
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+            # metrics.jsonl = the epochs this run's state has seen (the checkpoint's history on resume,
+            # so epochs redone after a fallback to prev.pt are not listed twice); no stale summary
+            (self.run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.history))
+            (self.run_dir / "summary.json").unlink(missing_ok=True)
         self.tb = self._tensorboard()
 
     # ------------------------------------------------------------------ setup helpers
@@ -239,6 +249,18 @@ class Trainer:
         save_atomic(state, last)
         if is_best:
             save_atomic(state, self.ckpt_dir / "best.pt")
+
+    def _claim_run_dir(self, overwrite: bool) -> None:
+        found = [p for p in (self.ckpt_dir / n for n in ("last.pt", "prev.pt", "best.pt")) if p.is_file()]
+        if not found:
+            return
+        if not overwrite:
+            raise ValueError(f"output_dir {self.run_dir} already holds checkpoints ({', '.join(p.name for p in found)}): "
+                             "pass --resume to continue that run, --overwrite to delete them and start again, "
+                             "or choose another output_dir")
+        if self.dist.is_main:
+            for p in found:
+                p.unlink(missing_ok=True)
 
     def _resume(self) -> None:
         path = self.ckpt_dir / "last.pt"
