@@ -84,7 +84,8 @@ def main() -> None:
            f"(×0.1 at {milestones}), bf16 autocast on a 2-core CPU, seeds {seeds}; teacher resnet56 (1 run, {te} "
            f"epochs). "
            f"Wall time {hours:.2f} h. Command: `python benchmarks/proxy_cifar10.py --data DATA --seeds {args.seeds} "
-           f"--epochs {e} --subset {args.subset} --eval-every {args.eval_every} --teacher-epochs {te} --methods {args.methods}"
+           f"--epochs {e} --subset {args.subset} --eval-every {args.eval_every} --teacher-epochs {te} --methods {args.methods or repr('')}"
+           f"{' --teacher CKPT' if args.teacher else ''}"
            f"{''.join(' --variant ' + v for v in args.variant)}`"
            f"{' plus reused runs ' + ', '.join(args.reuse) if args.reuse else ''}. Best = best of the evaluated epochs.")
     print(write_report([runs, *args.reuse], out, title="Proxy benchmark: CIFAR-10, resnet56 → resnet20", preamble=pre))
