@@ -312,5 +312,9 @@ def test_each_torchrun_attempt_gets_its_own_store_keys(monkeypatch):
     second = restart_safe_store(2)
     assert not second.check(["default_pg/0//cpu//rank_0"])
     assert first.check(["default_pg/0//cpu//rank_0"])
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "2")  # several nodes count restarts apart: say how to be safe
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "1")
+    with pytest.warns(RuntimeWarning, match="TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"):
+        restart_safe_store(2)
     monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")
     assert restart_safe_store(2) is None  # torch's own env:// path when the store is not shared
