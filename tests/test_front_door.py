@@ -61,6 +61,20 @@ def test_report_splits_a_hyper_parameter_sweep(tmp_path, capsys):
     assert "| ls resnet8 (epsilon=0.1) | 2 |" in out and "| ls resnet8 (epsilon=0.3) | 1 |" in out
 
 
+def test_sweep_rerun_is_refused_unless_resume_or_overwrite(tmp_path, capsys):
+    cfg = write_config(tmp_path / "c.yaml", output_dir=str(tmp_path / "sw"), schedule={"name": "constant", "epochs": 1})
+    assert cli_main(["sweep", cfg, "--seeds", "0,1", "--workers", "1"]) == 0
+    last = (tmp_path / "sw" / "seed1" / "checkpoints" / "last.pt").read_bytes()
+    capsys.readouterr()
+    assert cli_main(["sweep", cfg, "--seeds", "0,1", "--workers", "1"]) == 2  # before any run starts
+    err = capsys.readouterr().err
+    assert "seed0 already holds checkpoints" in err and "seed1 already holds checkpoints" in err
+    assert (tmp_path / "sw" / "seed1" / "checkpoints" / "last.pt").read_bytes() == last
+    assert cli_main(["sweep", cfg, "--seeds", "0,1", "--workers", "1", "--resume"]) == 0  # finished: re-reported
+    assert (tmp_path / "sw" / "seed1" / "checkpoints" / "last.pt").read_bytes() == last
+    assert "| ce resnet8 | 2 |" in capsys.readouterr().out
+
+
 def test_sweep_rejects_bad_seeds_and_configs(tmp_path, capsys):
     cfg = write_config(tmp_path / "c.yaml")
     assert cli_main(["sweep", cfg, "--seeds", "a,b"]) == 2

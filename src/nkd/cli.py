@@ -170,7 +170,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from .sweep import sweep
 
     load_config(args.config, args.overrides, check_files=True)
-    dirs = sweep(args.config, args.seeds, args.overrides, args.workers, resume=args.resume, overwrite=args.overwrite)
+    try:
+        dirs = sweep(args.config, args.seeds, args.overrides, args.workers, resume=args.resume, overwrite=args.overwrite)
+    except ValueError as e:
+        return _bad_input(str(e))
     out = Path(args.report_dir) if args.report_dir else dirs[0].parent
     print(write_report(dirs, out, title=f"sweep of {args.config}"))
     print(f"report: {out / 'report.md'}")

@@ -50,11 +50,18 @@ def run_many(jobs: list[tuple[str | None, list[str]]], workers: int | None = Non
 
 def sweep(config: str, seeds: list[int], overrides: list[str], workers: int | None = None, resume: bool = False,
           overwrite: bool = False) -> list[Path]:
-    """Train ``config`` once per seed into ``<output_dir>/seed<k>``; returns the run directories."""
+    """Train ``config`` once per seed into ``<output_dir>/seed<k>``; returns the run directories.
+
+    Without ``resume`` / ``overwrite``, seed folders that already hold checkpoints are a ValueError
+    raised before any run starts."""
     from .config import load_config
+    from .engine.checkpoint import used_run_dir_error
 
     base = load_config(config, overrides)  # validate once, before any process starts
     dirs = [Path(base.output_dir) / f"seed{s}" for s in seeds]
+    used = [e for e in map(used_run_dir_error, dirs) if e] if not (resume or overwrite) else []
+    if used:
+        raise ValueError("; ".join(used))
     jobs = [(config, [*overrides, f"seed={s}", f"output_dir={d}", "train.progress=false",
                        "train.console=false"]) for s, d in zip(seeds, dirs)]
     run_many(jobs, workers, desc=f"{Path(config).stem}: {len(seeds)} seeds", resume=resume, overwrite=overwrite)

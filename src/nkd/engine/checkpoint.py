@@ -20,6 +20,19 @@ class CheckpointWriteError(OSError):
     """A checkpoint could not be written; the previous file at that path is untouched."""
 
 
+CHECKPOINT_NAMES = ("last.pt", "prev.pt", "best.pt")
+
+
+def used_run_dir_error(run_dir: str | os.PathLike) -> str | None:
+    """Why a *fresh* run may not start in ``run_dir`` (it holds checkpoints), or None if it may."""
+    ck = Path(run_dir) / "checkpoints"
+    found = [n for n in CHECKPOINT_NAMES if (ck / n).is_file()]
+    if not found:
+        return None
+    return (f"output_dir {run_dir} already holds checkpoints ({', '.join(found)}): pass --resume to continue that "
+            "run, --overwrite to delete them and start again, or choose another output_dir")
+
+
 def save_atomic(obj: Any, path: str | os.PathLike) -> None:
     """Write ``obj`` to ``path`` atomically; on failure raise :class:`CheckpointWriteError`
     (naming the file and the cause, e.g. a full disk) and leave any previous ``path`` intact."""

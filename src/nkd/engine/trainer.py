@@ -32,7 +32,15 @@ from ..losses import value_checks
 from ..methods import build_method
 from ..models import create_model
 from . import faults
-from .checkpoint import load_checkpoint, rng_state, save_atomic, seed_everything, set_rng_state
+from .checkpoint import (
+    CHECKPOINT_NAMES,
+    load_checkpoint,
+    rng_state,
+    save_atomic,
+    seed_everything,
+    set_rng_state,
+    used_run_dir_error,
+)
 from .distributed import DistInfo, all_reduce_max, all_reduce_sum, barrier, init_distributed
 from .schedule import lr_at
 
@@ -251,16 +259,14 @@ class Trainer:
             save_atomic(state, self.ckpt_dir / "best.pt")
 
     def _claim_run_dir(self, overwrite: bool) -> None:
-        found = [p for p in (self.ckpt_dir / n for n in ("last.pt", "prev.pt", "best.pt")) if p.is_file()]
-        if not found:
+        problem = used_run_dir_error(self.run_dir)
+        if problem is None:
             return
         if not overwrite:
-            raise ValueError(f"output_dir {self.run_dir} already holds checkpoints ({', '.join(p.name for p in found)}): "
-                             "pass --resume to continue that run, --overwrite to delete them and start again, "
-                             "or choose another output_dir")
+            raise ValueError(problem)
         if self.dist.is_main:
-            for p in found:
-                p.unlink(missing_ok=True)
+            for name in CHECKPOINT_NAMES:
+                (self.ckpt_dir / name).unlink(missing_ok=True)
 
     def _resume(self) -> None:
         path = self.ckpt_dir / "last.pt"
