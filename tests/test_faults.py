@@ -101,6 +101,29 @@ def test_kill_9_at_random_points_then_resume(tmp_path, reference, trial):
     assert same(weights(tmp_path / "run"), reference)
 
 
+@pytest.mark.slow
+def test_kill_9_inside_an_epoch_resumes_from_a_mid_epoch_checkpoint(tmp_path):
+    """train.checkpoint_every_steps=4 with 12 steps per epoch: killed before global step 19 (epoch 2,
+    its 8th step), the run resumes after step 4 of epoch 2 and ends bitwise where an uninterrupted
+    run ends, with the same per-epoch losses in metrics.jsonl."""
+    sections = dict(data={"synthetic_samples": 192, "batch_size": 16}, train={"checkpoint_every_steps": 4})
+    Trainer(load_config(config(tmp_path, "ref", epochs=3, **sections))).fit()
+    cfg = config(tmp_path, "run", epochs=3, **sections)
+    res = nkd("train", cfg, extra_env={"NKD_FAULT_KILL_STEP": "19"})
+    assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
+    ck = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert ck["partial"]["epoch"] == 1 and ck["partial"]["step"] == 4 and ck["global_step"] == 16 and ck["epoch"] == 0
+    res = nkd("train", cfg, "--resume")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "inside epoch 2 after its step 4 of 3, global step 16" in res.stdout
+    assert same(weights(tmp_path / "run"), weights(tmp_path / "ref"))
+    rows = [[json.loads(line) for line in (tmp_path / r / "metrics.jsonl").read_text().splitlines()] for r in ("run", "ref")]
+    assert [r["epoch"] for r in rows[0]] == [1, 2, 3]
+    for a, b in zip(*rows):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["top1"] == b["top1"]
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["partial"] is None
+
+
 # ----------------------------------------------------------------------------- 2. corrupt / foreign checkpoints
 def test_truncated_last_checkpoint_falls_back_to_the_previous_one(tmp_path, reference):
     cfg = config(tmp_path, "run")
@@ -210,14 +233,15 @@ def test_every_config_problem_is_listed_before_training(tmp_path, capsys):
     cfg = config(tmp_path, "run")
     rc = cli_main(["train", cfg, "optim.lr=-0.1", "optim.momentom=0.9", "method.params.temperature=0",
                    "data.batch_size=sixteen", "teacher.num_classes=100", "teacher.checkpoint=/no/such/teacher.pth",
-                   "model.num_classes=7"])
+                   "model.num_classes=7", "train.checkpoint_every_steps=-5"])
     err = capsys.readouterr().err
     assert rc == 2
     for needle in ("optim.lr: must be > 0", "optim.momentom: unknown key (did you mean 'momentum'?)",
                    "method.params.temperature: must be > 0", "data.batch_size: expected int",
                    "teacher.num_classes: 100 differs from model.num_classes 7",
                    "teacher.checkpoint: file not found: /no/such/teacher.pth",
-                   "model.num_classes: 7 does not match the dataset's 10 classes"):
+                   "model.num_classes: 7 does not match the dataset's 10 classes",
+                   "train.checkpoint_every_steps: must be >= 0"):
         assert needle in err, needle
     assert not (tmp_path / "run").exists()  # nothing started
 
@@ -273,25 +297,36 @@ def torchrun(cfg: str, *args: str, extra_env: dict | None = None) -> subprocess.
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("store", ["shared", "fresh"])
-def test_ddp_worker_killed_then_torchrun_restart_resumes(tmp_path, store):
-    """Rank 1 is SIGKILLed at the start of epoch 3; torchrun --max-restarts=1 restarts both workers, they
-    resume from last.pt (epoch 2) and finish with the weights of an uninterrupted 2-process run.
+@pytest.mark.parametrize("store,where", [("shared", "epoch start"), ("fresh", "epoch start"), ("shared", "mid-epoch")])
+def test_ddp_worker_killed_then_torchrun_restart_resumes(tmp_path, store, where):
+    """Rank 1 is SIGKILLed; torchrun --max-restarts=1 restarts both workers, they resume from last.pt and
+    finish with the weights and per-epoch losses of an uninterrupted 2-process run.
     ``shared``: torchrun lends its rendezvous store to the workers (torch's default), which keeps keys
-    across restarts; ``fresh``: TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, a new store per restart."""
+    across restarts; ``fresh``: TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, a new store per restart.
+    ``epoch start``: killed as epoch 3 begins, resumed after epoch 2; ``mid-epoch``: checkpoints every
+    2 steps, killed before global step 8 (epoch 3's last step), resumed after step 2 of epoch 3."""
     extra = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"} if store == "fresh" else {}
-    sections = dict(data={"synthetic_samples": 64, "batch_size": 8}, train={"max_steps_per_epoch": 3})
+    train = {"max_steps_per_epoch": 3, **({"checkpoint_every_steps": 2} if where == "mid-epoch" else {})}
+    sections = dict(data={"synthetic_samples": 64, "batch_size": 8}, train=train)
     ref = torchrun(config(tmp_path, "ref", **sections), extra_env=extra)
     assert ref.returncode == 0, ref.stderr[-3000:]
     once = tmp_path / "killed-once"
-    kill = {"NKD_FAULT_KILL_RANK": "1", "NKD_FAULT_KILL_EPOCH": "3", "NKD_FAULT_ONCE_FILE": str(once)}
+    kill = {"NKD_FAULT_KILL_RANK": "1", "NKD_FAULT_ONCE_FILE": str(once),
+            **({"NKD_FAULT_KILL_STEP": "8"} if where == "mid-epoch" else {"NKD_FAULT_KILL_EPOCH": "3"})}
     res = torchrun(config(tmp_path, "run", **sections), "--max-restarts=1", extra_env={**extra, **kill})
     log = res.stdout + res.stderr
     assert res.returncode == 0, log[-4000:]
-    assert once.read_text() == "killed rank 1 at epoch 3\n"
-    assert "resumed from" in log and "after epoch 2 of 4, step 6 (torchrun restart 1)" in log
+    if where == "mid-epoch":
+        assert once.read_text() == "killed rank 1 before global step 8\n"
+        assert "inside epoch 3 after its step 2 of 4, global step 8 (torchrun restart 1)" in log
+    else:
+        assert once.read_text() == "killed rank 1 at epoch 3\n"
+        assert "after epoch 2 of 4, global step 6 (torchrun restart 1)" in log
     assert same(weights(tmp_path / "run"), weights(tmp_path / "ref"))
     assert epochs_logged(tmp_path / "run") == [1, 2, 3, 4]
+    rows = [[json.loads(line) for line in (tmp_path / r / "metrics.jsonl").read_text().splitlines()] for r in ("run", "ref")]
+    for a, b in zip(*rows):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
 
 
 def test_each_torchrun_attempt_gets_its_own_store_keys(monkeypatch):

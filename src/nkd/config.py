@@ -104,6 +104,7 @@ class TrainConfig:
     eval_every: int = 1
     nan_policy: Literal["stop", "skip"] = "stop"
     max_steps_per_epoch: int | None = None
+    checkpoint_every_steps: int = 0  # also write last.pt every N steps inside an epoch (0: at epoch ends only)
     deterministic: bool = False
     progress: bool = True
     console: bool = True  # per-epoch log lines on stdout (train.log is always written)
@@ -229,6 +230,8 @@ def check_ranges(cfg: Config, problems: list[str]) -> None:
     need(0 <= cfg.data.label_smoothing < 1, f"data.label_smoothing: must lie in [0, 1), got {cfg.data.label_smoothing}")
     need(cfg.train.grad_clip is None or cfg.train.grad_clip > 0, "train.grad_clip: must be > 0 or null")
     need(cfg.train.log_every >= 1, f"train.log_every: must be >= 1, got {cfg.train.log_every}")
+    need(cfg.train.checkpoint_every_steps >= 0,
+         f"train.checkpoint_every_steps: must be >= 0 (0 = at epoch ends only), got {cfg.train.checkpoint_every_steps}")
     need(cfg.train.compile_mode in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
          f"train.compile_mode: unknown mode {cfg.train.compile_mode!r}")
     need(cfg.train.ema_decay is None or 0 < cfg.train.ema_decay < 1, "train.ema_decay: must lie in (0, 1) or null")

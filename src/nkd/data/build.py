@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,14 @@ class Loaders:
             self.train.set_epoch(epoch)
         if self.sampler is not None:
             self.sampler.set_epoch(epoch)
+
+    def train_batches(self, start_step: int = 0) -> Iterator:
+        """This epoch's training batches from ``start_step`` on. In-memory datasets jump there
+        directly (bitwise the batches of a full pass); a ``DataLoader`` loads and drops the skipped
+        batches (same sample order; random augmentations come from fresh worker seeds)."""
+        if hasattr(self.train, "iterate"):
+            return self.train.iterate(start_step)
+        return itertools.islice(iter(self.train), start_step, None)
 
 
 def _split_dir(root: Path, names: tuple[str, ...]) -> Path:

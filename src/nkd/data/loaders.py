@@ -54,6 +54,11 @@ class DeviceLoader:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        return self.iterate(0)
+
+    def iterate(self, start_step: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        """The epoch's batches from ``start_step`` on (training): the same batches, augmentations and
+        mixes as a full pass would give from that step, without computing the skipped ones."""
         n = len(self.labels)
         if not self.train:
             idx = torch.arange(self.rank, n, self.world_size, device=self.device)
@@ -73,7 +78,7 @@ class DeviceLoader:
         fl = torch.rand(total, generator=g) < 0.5 if self.flip else torch.zeros(total, dtype=torch.bool)
         mix_seeds = torch.randint(0, 2**62, (steps,), generator=g).tolist()
         perm, oy, ox, fl = (t.to(self.device, non_blocking=True) for t in (perm, oy, ox, fl))
-        for step in range(steps):
+        for step in range(start_step, steps):
             start = step * gb
             m = min(gb, total - start)
             per = math.ceil(m / self.world_size)

@@ -8,7 +8,9 @@ Read from the environment, off unless set; they never change a normal run:
   temporary file and renaming it (a window to kill the process mid-write);
 * ``NKD_FAULT_KILL_RANK=1`` + ``NKD_FAULT_KILL_EPOCH=2`` + ``NKD_FAULT_ONCE_FILE=PATH`` — that rank
   kills itself with SIGKILL at the start of that (1-based) epoch, once: only while ``PATH`` does
-  not exist (it is created first), so a restarted job runs through.
+  not exist (it is created first), so a restarted job runs through;
+* ``NKD_FAULT_KILL_STEP=9`` — rank ``NKD_FAULT_KILL_RANK`` (default 0) kills itself with SIGKILL just
+  before global step 9 (0-based) runs; once per ``NKD_FAULT_ONCE_FILE`` if that is set.
 """
 
 from __future__ import annotations
@@ -39,4 +41,16 @@ def maybe_kill(rank: int, epoch: int) -> None:
     if int(want_rank) != rank or int(want_epoch) != epoch + 1 or Path(once).exists():
         return
     Path(once).write_text(f"killed rank {rank} at epoch {epoch + 1}\n")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def maybe_kill_at_step(rank: int, global_step: int) -> None:
+    want = os.environ.get("NKD_FAULT_KILL_STEP")
+    if want is None or int(want) != global_step or int(os.environ.get("NKD_FAULT_KILL_RANK", "0")) != rank:
+        return
+    once = os.environ.get("NKD_FAULT_ONCE_FILE")
+    if once:
+        if Path(once).exists():
+            return
+        Path(once).write_text(f"killed rank {rank} before global step {global_step}\n")
     os.kill(os.getpid(), signal.SIGKILL)

@@ -177,6 +177,7 @@ class Trainer:
         self.best = {"top1": -1.0, "epoch": -1}
         self.history: list[dict[str, Any]] = []
         self.skipped_steps = 0
+        self._partial: dict[str, Any] | None = None  # a mid-epoch checkpoint's position, until used
         if resume:
             self._resume()
         if self.dist.is_main:
@@ -217,7 +218,9 @@ class Trainer:
         return SummaryWriter(str(self.run_dir / "tb"), purge_step=self.global_step or None)
 
     # ------------------------------------------------------------------ checkpoints
-    def state_dict(self, epoch: int) -> dict[str, Any]:
+    def state_dict(self, epoch: int, partial: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Everything a resume needs. ``epoch`` is the last *complete* epoch (0-based; -1: none);
+        ``partial`` = ``{"epoch", "step", "seen", "sums"}`` for a checkpoint written inside an epoch."""
         return {
             "format": "nkd-train-v1",
             "method": self.cfg.method.name,
@@ -231,11 +234,13 @@ class Trainer:
             "global_step": self.global_step,
             "best": dict(self.best),
             "history": json.dumps(self.history),
+            "skipped_steps": self.skipped_steps,
+            "partial": partial,
             "rng": rng_state(),
             "config": dump_config(self.cfg),
         }
 
-    def save(self, epoch: int, is_best: bool) -> None:
+    def save(self, epoch: int, is_best: bool, partial: dict[str, Any] | None = None) -> None:
         """Write ``last.pt`` (and ``best.pt``) atomically, keeping the previous ``last.pt`` as
         ``prev.pt``. Weights that are not finite are never written over a good checkpoint."""
         if not self.dist.is_main:
@@ -244,7 +249,7 @@ class Trainer:
         if bad:
             raise NonFiniteError(f"epoch {epoch + 1}: non-finite weights ({', '.join(bad[:5])}); not saved — "
                                  f"last good checkpoint: {self._last_good()}")
-        state = self.state_dict(epoch)
+        state = self.state_dict(epoch, partial)
         last = self.ckpt_dir / "last.pt"
         if last.is_file():  # keep the previous complete checkpoint as prev.pt (hard link, atomic)
             tmp = self.ckpt_dir / f"prev.pt.tmp-{os.getpid()}"
@@ -300,10 +305,14 @@ class Trainer:
         self.global_step = int(ck["global_step"])
         self.best = dict(ck["best"])
         self.history = json.loads(ck["history"])
+        self.skipped_steps = int(ck.get("skipped_steps", 0))
+        self._partial = ck.get("partial")
         set_rng_state(ck["rng"])
         restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
         why = f" (torchrun restart {restart})" if restart else ""
-        log.info("resumed from %s after epoch %d of %d, step %d%s", path, self.start_epoch, self.cfg.schedule.epochs,
+        where = (f"inside epoch {self._partial['epoch'] + 1} after its step {self._partial['step']}" if self._partial
+                 else f"after epoch {self.start_epoch}")
+        log.info("resumed from %s %s of %d, global step %d%s", path, where, self.cfg.schedule.epochs,
                  self.global_step, why)
 
     # ------------------------------------------------------------------ loop
@@ -330,13 +339,19 @@ class Trainer:
         self.loaders.set_epoch(epoch)
         steps = self.steps_per_epoch()
         sums: dict[str, torch.Tensor] = {}
-        seen = 0
+        seen = restored = start = 0
+        if self._partial is not None and self._partial["epoch"] == epoch:  # resume inside this epoch
+            start = int(self._partial["step"])
+            if self.dist.is_main:  # the saved sums are already summed over ranks
+                sums = {k: torch.tensor(v, device=self.device) for k, v in self._partial["sums"].items()}
+                seen = restored = int(self._partial["seen"])
+        self._partial = None
         bar = None
         if self.dist.is_main and cfg.train.progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.schedule.epochs}", leave=False, dynamic_ncols=True,
-                       file=sys.stdout)
+            bar = tqdm(total=steps, initial=start, desc=f"epoch {epoch + 1}/{cfg.schedule.epochs}", leave=False,
+                       dynamic_ncols=True, file=sys.stdout)
         t0 = time.perf_counter()
         params = [p for p in self.trainable.parameters() if p.requires_grad]
         skip_policy = cfg.train.nan_policy == "skip"
@@ -345,9 +360,11 @@ class Trainer:
         lr = cfg.optim.lr
         nan_steps = faults.nan_steps()
         faults.maybe_kill(self.dist.rank, epoch)
-        for i, (x, y) in enumerate(self.loaders.train):
+        every = cfg.train.checkpoint_every_steps
+        for i, (x, y) in enumerate(self.loaders.train_batches(start), start=start):
             if i >= steps:
                 break
+            faults.maybe_kill_at_step(self.dist.rank, self.global_step)
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
             if self.loaders.mix is not None:
@@ -356,7 +373,7 @@ class Trainer:
             lr = lr_at(cfg.optim.lr, cfg.schedule, epoch + i / steps)
             for grp in self.optimizer.param_groups:
                 grp["lr"] = lr
-            with self._autocast(), value_checks(i == 0):  # labels validated on each epoch's first batch
+            with self._autocast(), value_checks(i == start):  # labels validated on each epoch's first batch
                 logits, weak = self.forward(x)
                 losses = self.method.losses(logits, weak, x, y, epoch)
             if self.global_step + self.skipped_steps in nan_steps:  # fault injection: poison the first loss term
@@ -395,8 +412,10 @@ class Trainer:
                 if not skip_policy:
                     self._raise_if_non_finite(list(losses), epoch)
                 if bar is not None:
-                    rate = seen * self.dist.world_size / max(time.perf_counter() - t0, 1e-9)
+                    rate = (seen - restored) * self.dist.world_size / max(time.perf_counter() - t0, 1e-9)
                     bar.set_postfix(loss=f"{float(total.detach()):.3f}", lr=f"{lr:.4g}", img_s=f"{rate:.0f}")
+            if every and (i + 1) % every == 0 and not last:
+                self._save_inside_epoch(epoch, i + 1, seen, sums, list(losses))
             if bar is not None:
                 bar.update(1)
         if bar is not None:
@@ -411,8 +430,19 @@ class Trainer:
             out[k] = float(tot / count.clamp(min=1))
         out["loss"] = sum(out.values())
         out["lr"] = lr_at(cfg.optim.lr, cfg.schedule, epoch)
-        out["img_per_s"] = float(count) / max(elapsed, 1e-9)
+        out["img_per_s"] = (float(count) - restored) / max(elapsed, 1e-9)
         return out
+
+    def _save_inside_epoch(self, epoch: int, step: int, seen: int, sums: dict[str, torch.Tensor],
+                           names: list[str]) -> None:
+        """``last.pt`` after ``step`` steps of ``epoch`` (``train.checkpoint_every_steps``): checked
+        for non-finite values first; the epoch's running loss sums are saved summed over ranks."""
+        if self.cfg.train.nan_policy == "stop":
+            self._raise_if_non_finite(names, epoch)
+        total = all_reduce_sum(torch.tensor([float(seen)], device=self.device), self.dist)
+        red = {k: float(all_reduce_sum(torch.as_tensor(v, device=self.device).reshape(1).clone(), self.dist))
+               for k, v in sums.items()}
+        self.save(epoch - 1, False, partial={"epoch": epoch, "step": step, "seen": int(total), "sums": red})
 
     def _record_non_finite(self, losses: dict[str, torch.Tensor], grads_ok: torch.Tensor) -> None:
         """Remember (on the device, no sync) the first global step with a non-finite loss term or
