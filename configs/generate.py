@@ -123,7 +123,7 @@ def imagenet(student: str, epochs: int = 100) -> dict:
         "model": {"name": student, "num_classes": 1000},
         "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4},
         "schedule": {"name": "multistep", "epochs": epochs, "milestones": [30, 60, 90], "gamma": 0.1},
-        "train": {"amp": "bf16", "channels_last": True},
+        "train": {"amp": "bf16", "channels_last": True, "checkpoint_every_steps": 1000},  # ~5,000 steps per epoch
     }
 
 
@@ -136,7 +136,7 @@ def vit_recipe(student: str, drop_path: float, warmup: float) -> dict:
         "model": {"name": student, "num_classes": 1000, "kwargs": {"drop_path_rate": drop_path}},
         "optim": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.05, "no_decay_norm_bias": True},
         "schedule": {"name": "cosine", "epochs": 300, "warmup_epochs": warmup, "min_lr": 1e-5},
-        "train": {"amp": "bf16", "grad_clip": 5.0},
+        "train": {"amp": "bf16", "grad_clip": 5.0, "checkpoint_every_steps": 500},  # ~1,250 steps per epoch
     }
 
 
