@@ -49,7 +49,8 @@ class Loaders:
     def train_batches(self, start_step: int = 0) -> Iterator:
         """This epoch's training batches from ``start_step`` on. In-memory datasets jump there
         directly (bitwise the batches of a full pass); a ``DataLoader`` loads and drops the skipped
-        batches (same sample order; random augmentations come from fresh worker seeds)."""
+        batches (the same samples in the same order — its sampler's order is a function of (seed,
+        epoch) — but random augmentations come from fresh worker seeds)."""
         if hasattr(self.train, "iterate"):
             return self.train.iterate(start_step)
         return itertools.islice(iter(self.train), start_step, None)

@@ -95,7 +95,8 @@ def folder_loader(root: str, batch_size: int, *, train: bool, image_size: int = 
                   rank: int = 0, world_size: int = 1, seed: int = 0, mean=(0.485, 0.456, 0.406),
                   std=(0.229, 0.224, 0.225), pin_memory: bool = True, randaugment: bool = False):
     """``DataLoader`` over ``torchvision.datasets.ImageFolder(root)`` with the standard ImageNet
-    transforms; returns ``(loader, sampler_or_None, classes)``."""
+    transforms; returns ``(loader, train_sampler_or_None, classes)``. Call the sampler's
+    ``set_epoch(e)`` before each training epoch (``Loaders.set_epoch`` does)."""
     from torch.utils.data import DataLoader, DistributedSampler
     from torchvision import datasets
     from torchvision.transforms import v2
@@ -109,10 +110,11 @@ def folder_loader(root: str, batch_size: int, *, train: bool, image_size: int = 
     tf += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
     ds = datasets.ImageFolder(root, transform=v2.Compose(tf))
     sampler = None
-    if world_size > 1:
-        sampler = DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=train, seed=seed, drop_last=train)
+    if train:  # the order of epoch e is a function of (seed, e) on any number of processes: resumes replay it
+        sampler = DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    elif world_size > 1:  # every image exactly once over the ranks (DistributedSampler would pad with repeats)
+        sampler = range(rank, len(ds), world_size)
     g = torch.Generator().manual_seed(seed)
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
-                        num_workers=num_workers, pin_memory=pin_memory, drop_last=train, generator=g,
-                        persistent_workers=num_workers > 0)
-    return loader, sampler, ds.classes
+    loader = DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
+                        drop_last=train, generator=g, persistent_workers=num_workers > 0)
+    return loader, (sampler if train else None), ds.classes
