@@ -137,6 +137,30 @@ def test_truncated_last_checkpoint_falls_back_to_the_previous_one(tmp_path, refe
     assert epochs_logged(tmp_path / "run") == [1, 2, 3, 4]  # epoch 4 redone, listed once
 
 
+def test_tensorboard_hides_the_epochs_a_resume_redoes(tmp_path):
+    """After a fallback to prev.pt (epoch 3 of 4 redone), TensorBoard shows each epoch once, with the
+    redone epoch's new value; --overwrite starts a clean event log."""
+    ea = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    cfg = config(tmp_path, "run", train={"tensorboard": True})
+    assert cli_main(["train", cfg]) == 0
+    ck = tmp_path / "run" / "checkpoints"
+    data = (ck / "last.pt").read_bytes()
+    (ck / "last.pt").write_bytes(data[: len(data) // 2])
+    assert cli_main(["train", cfg, "--resume", "optim.lr=0.2"]) == 0  # epochs 3-4 redone, differently
+
+    def scalars() -> list[tuple[int, float]]:
+        acc = ea.EventAccumulator(str(tmp_path / "run" / "tb"))
+        acc.Reload()
+        return [(e.step, e.value) for e in acc.Scalars("loss")]
+
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    got = scalars()
+    assert [st for st, _ in got] == [1, 2, 3, 4]
+    assert [v for _, v in got] == pytest.approx([r["loss"] for r in metrics], rel=1e-6)
+    assert cli_main(["train", cfg, "--overwrite", "schedule.epochs=2"]) == 0
+    assert [st for st, _ in scalars()] == [1, 2]
+
+
 def epochs_logged(run: Path) -> list[int]:
     return [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 

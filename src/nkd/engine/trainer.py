@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -215,7 +216,8 @@ class Trainer:
         except ImportError:
             log.info("tensorboard not installed: event files disabled (pip install 'nkd[train]')")
             return None
-        return SummaryWriter(str(self.run_dir / "tb"), purge_step=self.global_step or None)
+        # events are logged per epoch (1-based): hide those of epochs this run is about to redo
+        return SummaryWriter(str(self.run_dir / "tb"), purge_step=self.start_epoch + 1)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self, epoch: int, partial: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -272,6 +274,7 @@ class Trainer:
         if self.dist.is_main:
             for name in CHECKPOINT_NAMES:
                 (self.ckpt_dir / name).unlink(missing_ok=True)
+            shutil.rmtree(self.run_dir / "tb", ignore_errors=True)
 
     def _resume(self) -> None:
         path = self.ckpt_dir / "last.pt"
@@ -423,15 +426,18 @@ class Trainer:
         if not skip_policy:
             self._raise_if_non_finite(list(sums), epoch)
         elapsed = time.perf_counter() - t0
-        count = all_reduce_sum(torch.tensor([float(seen)], device=self.device), self.dist)
-        out = {}
-        for k, v in sums.items():
-            tot = all_reduce_sum(torch.as_tensor(v, device=self.device).reshape(1).clone(), self.dist)
-            out[k] = float(tot / count.clamp(min=1))
+        count, totals = self._reduce_sums(seen, sums)
+        out = {k: v / max(count, 1) for k, v in totals.items()}
         out["loss"] = sum(out.values())
         out["lr"] = lr_at(cfg.optim.lr, cfg.schedule, epoch)
-        out["img_per_s"] = (float(count) - restored) / max(elapsed, 1e-9)
+        out["img_per_s"] = (count - restored) / max(elapsed, 1e-9)
         return out
+
+    def _reduce_sums(self, seen: int, sums: dict[str, torch.Tensor]) -> tuple[int, dict[str, float]]:
+        """Images seen and per-term loss sums, summed over ranks (a collective: every rank calls it)."""
+        count = all_reduce_sum(torch.tensor([float(seen)], device=self.device), self.dist)
+        return int(count), {k: float(all_reduce_sum(torch.as_tensor(v, device=self.device).reshape(1).clone(),
+                                                    self.dist)) for k, v in sums.items()}
 
     def _save_inside_epoch(self, epoch: int, step: int, seen: int, sums: dict[str, torch.Tensor],
                            names: list[str]) -> None:
@@ -439,10 +445,8 @@ class Trainer:
         for non-finite values first; the epoch's running loss sums are saved summed over ranks."""
         if self.cfg.train.nan_policy == "stop":
             self._raise_if_non_finite(names, epoch)
-        total = all_reduce_sum(torch.tensor([float(seen)], device=self.device), self.dist)
-        red = {k: float(all_reduce_sum(torch.as_tensor(v, device=self.device).reshape(1).clone(), self.dist))
-               for k, v in sums.items()}
-        self.save(epoch - 1, False, partial={"epoch": epoch, "step": step, "seen": int(total), "sums": red})
+        count, totals = self._reduce_sums(seen, sums)
+        self.save(epoch - 1, False, partial={"epoch": epoch, "step": step, "seen": count, "sums": totals})
 
     def _record_non_finite(self, losses: dict[str, torch.Tensor], grads_ok: torch.Tensor) -> None:
         """Remember (on the device, no sync) the first global step with a non-finite loss term or
