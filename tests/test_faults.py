@@ -124,6 +124,27 @@ def test_kill_9_inside_an_epoch_resumes_from_a_mid_epoch_checkpoint(tmp_path):
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["partial"] is None
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("step,where", [(17, "inside epoch 2 after its step 6 (global step 18)"),
+                                        (23, "at the end of epoch 2 (global step 24)")])
+def test_sigterm_saves_at_the_next_step_and_resume_matches(tmp_path, step, where):
+    """A scheduler's pre-emption signal (SIGTERM here; SIGUSR1 alike) arrives before global step
+    ``step``: the run finishes that step, saves last.pt there, exits 143 naming the position, and
+    --resume ends bitwise where an uninterrupted run ends."""
+    sections = dict(train={"log_every": 1})
+    Trainer(load_config(config(tmp_path, "ref", epochs=3, **sections))).fit()
+    cfg = config(tmp_path, "run", epochs=3, **sections)
+    res = nkd("train", cfg, extra_env={"NKD_FAULT_KILL_STEP": str(step), "NKD_FAULT_KILL_SIGNAL": "TERM"})
+    assert res.returncode == 143, res.stderr[-2000:]
+    assert f"stopped on SIGTERM {where}; saved" in res.stderr and "--resume" in res.stderr
+    ck = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert ck["global_step"] == step + 1
+    res = nkd("train", cfg, "--resume")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert same(weights(tmp_path / "run"), weights(tmp_path / "ref"))
+    assert epochs_logged(tmp_path / "run") == [1, 2, 3]
+
+
 # ----------------------------------------------------------------------------- 2. corrupt / foreign checkpoints
 def test_truncated_last_checkpoint_falls_back_to_the_previous_one(tmp_path, reference):
     cfg = config(tmp_path, "run")
@@ -321,27 +342,36 @@ def torchrun(cfg: str, *args: str, extra_env: dict | None = None) -> subprocess.
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("store,where", [("shared", "epoch start"), ("fresh", "epoch start"), ("shared", "mid-epoch")])
+@pytest.mark.parametrize("store,where", [("shared", "epoch start"), ("fresh", "epoch start"), ("shared", "mid-epoch"),
+                                         ("shared", "sigterm")])
 def test_ddp_worker_killed_then_torchrun_restart_resumes(tmp_path, store, where):
     """Rank 1 is SIGKILLed; torchrun --max-restarts=1 restarts both workers, they resume from last.pt and
     finish with the weights and per-epoch losses of an uninterrupted 2-process run.
     ``shared``: torchrun lends its rendezvous store to the workers (torch's default), which keeps keys
     across restarts; ``fresh``: TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, a new store per restart.
     ``epoch start``: killed as epoch 3 begins, resumed after epoch 2; ``mid-epoch``: checkpoints every
-    2 steps, killed before global step 8 (epoch 3's last step), resumed after step 2 of epoch 3."""
+    2 steps, killed before global step 8 (epoch 3's last step), resumed after step 2 of epoch 3;
+    ``sigterm``: rank 1 gets SIGTERM before global step 7, both ranks agree to stop after that step,
+    rank 0 saves there, both exit 143, and the restart resumes after step 2 of epoch 3."""
     extra = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"} if store == "fresh" else {}
-    train = {"max_steps_per_epoch": 3, **({"checkpoint_every_steps": 2} if where == "mid-epoch" else {})}
+    train = {"max_steps_per_epoch": 3, **{"mid-epoch": {"checkpoint_every_steps": 2}, "sigterm": {"log_every": 1}}.get(where, {})}
     sections = dict(data={"synthetic_samples": 64, "batch_size": 8}, train=train)
     ref = torchrun(config(tmp_path, "ref", **sections), extra_env=extra)
     assert ref.returncode == 0, ref.stderr[-3000:]
     once = tmp_path / "killed-once"
     kill = {"NKD_FAULT_KILL_RANK": "1", "NKD_FAULT_ONCE_FILE": str(once),
-            **({"NKD_FAULT_KILL_STEP": "8"} if where == "mid-epoch" else {"NKD_FAULT_KILL_EPOCH": "3"})}
+            **{"mid-epoch": {"NKD_FAULT_KILL_STEP": "8"}, "epoch start": {"NKD_FAULT_KILL_EPOCH": "3"},
+               "sigterm": {"NKD_FAULT_KILL_STEP": "7", "NKD_FAULT_KILL_SIGNAL": "TERM"}}[where]}
     res = torchrun(config(tmp_path, "run", **sections), "--max-restarts=1", extra_env={**extra, **kill})
     log = res.stdout + res.stderr
     assert res.returncode == 0, log[-4000:]
     if where == "mid-epoch":
         assert once.read_text() == "killed rank 1 before global step 8\n"
+        assert "inside epoch 3 after its step 2 of 4, global step 8 (torchrun restart 1)" in log
+    elif where == "sigterm":
+        assert once.read_text() == "killed rank 1 before global step 7\n"
+        assert "stopped on a stop signal on another rank inside epoch 3 after its step 2 (global step 8)" in log
+        assert "stopped on SIGTERM inside epoch 3 after its step 2 (global step 8)" in log
         assert "inside epoch 3 after its step 2 of 4, global step 8 (torchrun restart 1)" in log
     else:
         assert once.read_text() == "killed rank 1 at epoch 3\n"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -34,7 +35,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
     from .engine import Trainer
     from .engine.checkpoint import CheckpointWriteError
-    from .engine.trainer import NonFiniteError
+    from .engine.trainer import NonFiniteError, StopRequested
 
     cfg = load_config(args.config, args.overrides, check_files=True)
     try:
@@ -46,6 +47,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     except (NonFiniteError, CheckpointWriteError) as e:
         print(f"nkd: training stopped: {e}", file=sys.stderr)
         return _exit_worker(1)
+    except StopRequested as e:  # pre-emption: saved, exit as a SIGTERM'd process would
+        print(f"nkd: {e}", file=sys.stderr)
+        return _exit_worker(128 + signal.SIGTERM)
     except Exception:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # e.g. a peer died: leave at once
             traceback.print_exc()

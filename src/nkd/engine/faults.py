@@ -9,8 +9,9 @@ Read from the environment, off unless set; they never change a normal run:
 * ``NKD_FAULT_KILL_RANK=1`` + ``NKD_FAULT_KILL_EPOCH=2`` + ``NKD_FAULT_ONCE_FILE=PATH`` — that rank
   kills itself with SIGKILL at the start of that (1-based) epoch, once: only while ``PATH`` does
   not exist (it is created first), so a restarted job runs through;
-* ``NKD_FAULT_KILL_STEP=9`` — rank ``NKD_FAULT_KILL_RANK`` (default 0) kills itself with SIGKILL just
-  before global step 9 (0-based) runs; once per ``NKD_FAULT_ONCE_FILE`` if that is set.
+* ``NKD_FAULT_KILL_STEP=9`` — rank ``NKD_FAULT_KILL_RANK`` (default 0) sends itself SIGKILL (or the
+  signal named by ``NKD_FAULT_KILL_SIGNAL``, e.g. ``TERM``) just before global step 9 (0-based) runs;
+  once per ``NKD_FAULT_ONCE_FILE`` if that is set.
 """
 
 from __future__ import annotations
@@ -53,4 +54,4 @@ def maybe_kill_at_step(rank: int, global_step: int) -> None:
         if Path(once).exists():
             return
         Path(once).write_text(f"killed rank {rank} before global step {global_step}\n")
-    os.kill(os.getpid(), signal.SIGKILL)
+    os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get("NKD_FAULT_KILL_SIGNAL", "KILL")))

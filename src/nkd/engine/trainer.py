@@ -13,12 +13,14 @@ Run directory (``cfg.output_dir``), written by rank 0 only::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -50,6 +52,14 @@ log = logging.getLogger("nkd")
 
 class NonFiniteError(RuntimeError):
     """A loss or gradient became NaN/Inf."""
+
+
+class StopRequested(RuntimeError):
+    """SIGTERM / SIGUSR1 arrived (a scheduler's pre-emption warning): the run saved ``last.pt`` at
+    the next step boundary and stopped; ``--resume`` continues from there."""
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 def resolve_device(name: str, info: DistInfo) -> torch.device:
@@ -179,6 +189,8 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.skipped_steps = 0
         self._partial: dict[str, Any] | None = None  # a mid-epoch checkpoint's position, until used
+        self._signal: int | None = None  # a stop signal received (see StopRequested)
+        self._stop_after_epoch = False
         if resume:
             self._resume()
         if self.dist.is_main:
@@ -411,13 +423,20 @@ class Trainer:
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float() * n
             last = i == steps - 1
+            stop = False
             if (i + 1) % cfg.train.log_every == 0 or last:
                 if not skip_policy:
                     self._raise_if_non_finite(list(losses), epoch)
+                stop = self._stop_agreed()
                 if bar is not None:
                     rate = (seen - restored) * self.dist.world_size / max(time.perf_counter() - t0, 1e-9)
                     bar.set_postfix(loss=f"{float(total.detach()):.3f}", lr=f"{lr:.4g}", img_s=f"{rate:.0f}")
-            if every and (i + 1) % every == 0 and not last:
+            if stop and last:
+                self._stop_after_epoch = True  # fit() saves the epoch, then stops
+            elif stop:
+                self._save_inside_epoch(epoch, i + 1, seen, sums, list(losses))
+                raise StopRequested(self._stopped_message(f"inside epoch {epoch + 1} after its step {i + 1}"))
+            elif every and (i + 1) % every == 0 and not last:
                 self._save_inside_epoch(epoch, i + 1, seen, sums, list(losses))
             if bar is not None:
                 bar.update(1)
@@ -432,6 +451,16 @@ class Trainer:
         out["lr"] = lr_at(cfg.optim.lr, cfg.schedule, epoch)
         out["img_per_s"] = (count - restored) / max(elapsed, 1e-9)
         return out
+
+    def _stop_agreed(self) -> bool:
+        """Whether any rank got a stop signal (a collective under DDP, at log_every boundaries)."""
+        flag = torch.tensor([0 if self._signal is None else 1], device=self.device)
+        return bool(all_reduce_max(flag, self.dist))
+
+    def _stopped_message(self, where: str) -> str:
+        name = signal.Signals(self._signal).name if self._signal else "a stop signal on another rank"
+        return (f"stopped on {name} {where} (global step {self.global_step}); saved {self.ckpt_dir / 'last.pt'} — "
+                "continue with --resume")
 
     def _reduce_sums(self, seen: int, sums: dict[str, torch.Tensor]) -> tuple[int, dict[str, float]]:
         """Images seen and per-term loss sums, summed over ranks (a collective: every rank calls it)."""
@@ -487,24 +516,51 @@ class Trainer:
                  self.run_dir, cfg.method.name, cfg.model.name,
                  f" | teacher {cfg.teacher.name}" if cfg.teacher else "", epochs, self.steps_per_epoch(),
                  self.device, self.dist.world_size)
-        for epoch in range(self.start_epoch, epochs):
-            row: dict[str, Any] = {"epoch": epoch + 1, **self.train_epoch(epoch)}
-            if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == epochs:
-                row.update(self.evaluate())
-                if self.ema is not None:
-                    row.update({f"ema_{k}": v for k, v in self.evaluate(self.ema.module).items()})
-            is_best = "top1" in row and row["top1"] > self.best["top1"]
-            if is_best:
-                self.best = {"top1": row["top1"], "top5": row["top5"], "epoch": epoch + 1}
-            row["best_top1"] = self.best["top1"]
-            row["global_step"] = self.global_step
-            if self.skipped_steps:
-                row["skipped_steps"] = self.skipped_steps
-            self.history.append(row)
-            self.save(epoch, is_best)
-            self._log_epoch(row)
-            barrier(self.dist)
+        with self._stop_signals():
+            for epoch in range(self.start_epoch, epochs):
+                self._fit_epoch(epoch)
+                if self._stop_after_epoch and epoch + 1 < epochs:
+                    raise StopRequested(self._stopped_message(f"at the end of epoch {epoch + 1}"))
         return self.finish()
+
+    @contextlib.contextmanager
+    def _stop_signals(self):
+        """SIGTERM / SIGUSR1 set a flag (checked at log_every boundaries) instead of killing the run."""
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def note(signum, _frame):
+            self._signal = signum
+
+        old = {s: signal.signal(s, note) for s in STOP_SIGNALS}
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    def _fit_epoch(self, epoch: int) -> None:
+        """Train one epoch, evaluate when due, record, save ``last.pt`` (and ``best.pt``)."""
+        cfg, epochs = self.cfg, self.cfg.schedule.epochs
+        row: dict[str, Any] = {"epoch": epoch + 1, **self.train_epoch(epoch)}
+        if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == epochs:
+            row.update(self.evaluate())
+            if self.ema is not None:
+                row.update({f"ema_{k}": v for k, v in self.evaluate(self.ema.module).items()})
+        is_best = "top1" in row and row["top1"] > self.best["top1"]
+        if is_best:
+            self.best = {"top1": row["top1"], "top5": row["top5"], "epoch": epoch + 1}
+        row["best_top1"] = self.best["top1"]
+        row["global_step"] = self.global_step
+        if self.skipped_steps:
+            row["skipped_steps"] = self.skipped_steps
+        self.history.append(row)
+        self.save(epoch, is_best)
+        self._log_epoch(row)
+        barrier(self.dist)
 
     def _log_epoch(self, row: dict[str, Any]) -> None:
         if not self.dist.is_main:
