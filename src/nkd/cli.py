@@ -76,7 +76,7 @@ def _train_parser(p: argparse.ArgumentParser) -> None:
     start.add_argument("--resume", action="store_true",
                        help="continue from OUTPUT_DIR/checkpoints/last.pt (from scratch if there is none)")
     start.add_argument("--overwrite", action="store_true",
-                   help="delete the checkpoints already in OUTPUT_DIR and start again (refused otherwise)")
+                       help="delete the checkpoints already in OUTPUT_DIR and start again (refused otherwise)")
 
 
 @command("eval", "evaluate a checkpoint on the config's evaluation split")

@@ -39,19 +39,23 @@ def maybe_kill(rank: int, epoch: int) -> None:
     once = os.environ.get("NKD_FAULT_ONCE_FILE")
     if want_rank is None or want_epoch is None or not once:
         return
-    if int(want_rank) != rank or int(want_epoch) != epoch + 1 or Path(once).exists():
-        return
-    Path(once).write_text(f"killed rank {rank} at epoch {epoch + 1}\n")
-    os.kill(os.getpid(), signal.SIGKILL)
+    if int(want_rank) == rank and int(want_epoch) == epoch + 1:
+        _kill_self(f"killed rank {rank} at epoch {epoch + 1}", once, signal.SIGKILL)
 
 
 def maybe_kill_at_step(rank: int, global_step: int) -> None:
     want = os.environ.get("NKD_FAULT_KILL_STEP")
     if want is None or int(want) != global_step or int(os.environ.get("NKD_FAULT_KILL_RANK", "0")) != rank:
         return
-    once = os.environ.get("NKD_FAULT_ONCE_FILE")
+    sig = getattr(signal, "SIG" + os.environ.get("NKD_FAULT_KILL_SIGNAL", "KILL"))
+    _kill_self(f"killed rank {rank} before global step {global_step}", os.environ.get("NKD_FAULT_ONCE_FILE"), sig)
+
+
+def _kill_self(note: str, once: str | None, sig: int) -> None:
+    """Send ``sig`` to this process; with ``once``, only if that file does not exist yet (it is
+    written first, holding ``note``)."""
     if once:
         if Path(once).exists():
             return
-        Path(once).write_text(f"killed rank {rank} before global step {global_step}\n")
-    os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get("NKD_FAULT_KILL_SIGNAL", "KILL")))
+        Path(once).write_text(note + "\n")
+    os.kill(os.getpid(), sig)

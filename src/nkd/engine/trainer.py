@@ -423,10 +423,12 @@ class Trainer:
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float() * n
             last = i == steps - 1
+            boundary = (i + 1) % cfg.train.log_every == 0 or last
+            periodic_save = bool(every) and (i + 1) % every == 0 and not last
+            if (boundary or periodic_save) and not skip_policy:  # before any save: nothing non-finite is kept
+                self._raise_if_non_finite(list(losses), epoch)
             stop = False
-            if (i + 1) % cfg.train.log_every == 0 or last:
-                if not skip_policy:
-                    self._raise_if_non_finite(list(losses), epoch)
+            if boundary:
                 stop = self._stop_agreed()
                 if bar is not None:
                     rate = (seen - restored) * self.dist.world_size / max(time.perf_counter() - t0, 1e-9)
@@ -434,10 +436,10 @@ class Trainer:
             if stop and last:
                 self._stop_after_epoch = True  # fit() saves the epoch, then stops
             elif stop:
-                self._save_inside_epoch(epoch, i + 1, seen, sums, list(losses))
+                self._save_inside_epoch(epoch, i + 1, seen, sums)
                 raise StopRequested(self._stopped_message(f"inside epoch {epoch + 1} after its step {i + 1}"))
-            elif every and (i + 1) % every == 0 and not last:
-                self._save_inside_epoch(epoch, i + 1, seen, sums, list(losses))
+            elif periodic_save:
+                self._save_inside_epoch(epoch, i + 1, seen, sums)
             if bar is not None:
                 bar.update(1)
         if bar is not None:
@@ -454,6 +456,8 @@ class Trainer:
 
     def _stop_agreed(self) -> bool:
         """Whether any rank got a stop signal (a collective under DDP, at log_every boundaries)."""
+        if not self.dist.enabled:
+            return self._signal is not None
         flag = torch.tensor([0 if self._signal is None else 1], device=self.device)
         return bool(all_reduce_max(flag, self.dist))
 
@@ -468,12 +472,10 @@ class Trainer:
         return int(count), {k: float(all_reduce_sum(torch.as_tensor(v, device=self.device).reshape(1).clone(),
                                                     self.dist)) for k, v in sums.items()}
 
-    def _save_inside_epoch(self, epoch: int, step: int, seen: int, sums: dict[str, torch.Tensor],
-                           names: list[str]) -> None:
-        """``last.pt`` after ``step`` steps of ``epoch`` (``train.checkpoint_every_steps``): checked
-        for non-finite values first; the epoch's running loss sums are saved summed over ranks."""
-        if self.cfg.train.nan_policy == "stop":
-            self._raise_if_non_finite(names, epoch)
+    def _save_inside_epoch(self, epoch: int, step: int, seen: int, sums: dict[str, torch.Tensor]) -> None:
+        """``last.pt`` after ``step`` steps of ``epoch`` (``train.checkpoint_every_steps`` or a stop
+        signal; the caller has checked for non-finite values). The epoch's running loss sums are
+        saved summed over ranks."""
         count, totals = self._reduce_sums(seen, sums)
         self.save(epoch - 1, False, partial={"epoch": epoch, "step": step, "seen": count, "sums": totals})
 
