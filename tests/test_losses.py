@@ -385,6 +385,20 @@ def test_modules_forward_to_functions():
     assert set(LOSSES) == {"nkd", "uskd", "kd", "dkd", "ls", "zipf_ls", "tfkd"}
 
 
+def test_kd_ignore_index_leaves_rows_out_of_the_mean():
+    z, u = rand(6, 7, grad=True), rand(6, 7, seed=1)
+    t = labels(6, 7)
+    t[[1, 4]] = -100
+    keep = t != -100
+    per_row = kd_loss(z, u, reduction="none")
+    ours = kd_loss(z, u, t)
+    torch.testing.assert_close(ours, per_row[keep].mean())
+    torch.testing.assert_close(kd_loss(z, u, t, reduction="none"), torch.where(keep, per_row, 0.0))
+    torch.testing.assert_close(KDLoss(ignore_index=3)(z, u, torch.full((6,), 3)), torch.zeros((), dtype=D))
+    (g,) = grad_of(lambda: kd_loss(z, u, t), z)
+    assert g[~keep].abs().max() == 0 and g[keep].abs().max() > 0
+
+
 # ----------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize(
     "call,exc,match",
@@ -419,6 +433,19 @@ def test_modules_forward_to_functions():
         (lambda: USKDLoss(8, 10)(torch.randn(4, 7), torch.randn(4, 10), labels(4, 10)), ValueError, "features"),
         (lambda: NKDLoss(gamma=-1), ValueError, "gamma"),
         (lambda: label_smoothing_loss(torch.randn(4, 5), labels(4, 5), epsilon=1.5), ValueError, "epsilon"),
+        # non-finite hyper-parameters: never a NaN or inf loss
+        (lambda: kd_loss(torch.randn(4, 5), torch.randn(4, 5), temperature=float("inf")), ValueError, "temperature"),
+        (lambda: nkd_loss(torch.randn(4, 5), torch.randn(4, 5), labels(4, 5), temperature=float("inf")), ValueError,
+         "temperature"),
+        (lambda: nkd_loss(torch.randn(4, 5), torch.randn(4, 5), labels(4, 5), gamma=float("nan")), ValueError, "gamma"),
+        (lambda: dkd_loss(torch.randn(4, 5), torch.randn(4, 5), labels(4, 5), beta=float("inf")), ValueError, "beta"),
+        (lambda: uskd_loss(torch.randn(4, 5), torch.randn(4, 5), labels(4, 5), mu=float("inf")), ValueError, "mu"),
+        (lambda: tfkd_loss(torch.randn(4, 5), labels(4, 5), temperature=float("inf")), ValueError, "temperature"),
+        (lambda: tfkd_loss(torch.randn(4, 5), labels(4, 5), correct_prob=float("nan")), ValueError, "correct_prob"),
+        (lambda: label_smoothing_loss(torch.randn(4, 5), labels(4, 5), epsilon=float("nan")), ValueError, "epsilon"),
+        (lambda: kd_loss(torch.randn(4, 5), torch.randn(4, 5), labels(4, 5), ignore_index=1.5), TypeError,
+         "ignore_index"),
+        (lambda: kd_loss(torch.randn(4, 5), torch.randn(4, 5), labels(3, 5)), ValueError, "hard target"),
     ],
 )
 def test_bad_input_is_rejected_with_a_named_argument(call, exc, match):

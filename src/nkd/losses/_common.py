@@ -11,6 +11,7 @@ one loss per row in float32 (float64 stays float64) with autocast disabled, and 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -93,14 +94,33 @@ def check_pair(student: Tensor, teacher: Tensor, names=("student_logits", "teach
         )
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def check_positive(name: str, value: float) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-        raise ValueError(f"{name} must be a number > 0, got {value!r}")
+    """``value`` must be a finite number > 0 (inf and NaN are refused: they give NaN/inf losses)."""
+    if not _is_number(value) or not value > 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
 def check_nonnegative(name: str, value: float) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
-        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+    """``value`` must be a finite number >= 0."""
+    if not _is_number(value) or not value >= 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def check_range(name: str, value: float, lo: float, hi: float, lo_open: bool = False, hi_open: bool = True) -> None:
+    """``value`` must be a finite number in the interval ``[lo, hi)`` (openness per flag)."""
+    ok = _is_number(value) and (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    if not ok:
+        interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        raise ValueError(f"{name} must lie in {interval}, got {value!r}")
+
+
+def check_ignore_index(ignore_index: object) -> None:
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
 
 
 def check_reduction(reduction: str) -> None:

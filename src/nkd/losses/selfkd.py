@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from ._common import (
     check_logits,
     check_positive,
+    check_range,
     check_reduction,
     compute_dtype,
     kl_terms,
@@ -57,8 +58,7 @@ def label_smoothing_loss(
 ) -> Tensor:
     """Cross-entropy with ``q = (1-ε)·y + ε/C``; ``0 ≤ ε < 1``."""
     check_logits("logits", logits)
-    if not isinstance(epsilon, (int, float)) or not 0 <= epsilon < 1:
-        raise ValueError(f"epsilon must lie in [0, 1), got {epsilon!r}")
+    check_range("epsilon", epsilon, 0.0, 1.0)
     check_reduction(reduction)
     rows = parse_rows(logits, target, ignore_index)
     with no_autocast(logits):
@@ -107,8 +107,7 @@ def tfkd_loss(
 ) -> Tensor:
     """Tf-KD_reg: ``KL(softmax(p^d/τ) ‖ softmax(z))`` with the virtual teacher ``p^d``."""
     check_logits("logits", logits)
-    if not isinstance(correct_prob, (int, float)) or not 0 < correct_prob < 1:
-        raise ValueError(f"correct_prob must lie in (0, 1), got {correct_prob!r}")
+    check_range("correct_prob", correct_prob, 0.0, 1.0, lo_open=True)
     check_positive("temperature", temperature)
     check_reduction(reduction)
     rows = parse_rows(logits, target, ignore_index)
