@@ -78,7 +78,8 @@ def test_uskd_batch_mean_is_taken_per_process(tmp_path):
     t = Trainer(c)
     x, y = next(iter(t.loaders.train))
     t.trainable.train()
-    logits, weak = t.trainable(x)
+    out = t.trainable(x)
+    logits, weak = out["logits"], out["weak_logits"]
     halves = [uskd_loss(logits[s], weak[s], y[s], **params) for s in (slice(0, 8), slice(8, 16))]
     total = F.cross_entropy(logits, y) + 0.5 * (halves[0] + halves[1])
     for g in t.optimizer.param_groups:

@@ -18,7 +18,7 @@ from nkd.cli import main as cli_main
 from nkd.config import load_config
 from nkd.engine import Trainer
 from nkd.engine.checkpoint import load_checkpoint
-from nkd.methods import METHODS, build_method
+from nkd.methods import METHODS, Teacher, build_method
 from nkd.models import create_model
 
 TEACHER = {"name": "resnet8", "num_classes": 10}
@@ -28,7 +28,7 @@ PARAMS = {"ce": {}, "kd": {}, "dkd": {"warmup_epochs": 1}, "nkd": {}, "uskd": {"
 
 def run_config(tmp_path: Path, method: str, **extra) -> str:
     sections = {"method": {"name": method, "params": PARAMS[method]}}
-    if METHODS[method][0].needs_teacher:
+    if METHODS[method].needs_teacher():
         sections["teacher"] = TEACHER
     sections.update(extra)
     return write_config(tmp_path / f"{method}.yaml", **sections)
@@ -43,24 +43,26 @@ def test_loss_goes_down_on_a_fixed_batch(method, tmp_path):
     torch.manual_seed(0)
     cfg = load_config(run_config(tmp_path, method))
     student = create_model("resnet8", 10)
-    teacher = create_model("resnet8", 10) if METHODS[method][0].needs_teacher else None
-    m, trainable = build_method(cfg, student, teacher)
-    m.train()
+    teacher = Teacher(create_model("resnet8", 10)) if METHODS[method].needs_teacher() else None
+    m, trainable = build_method(cfg.method.name, cfg.method.params, 10, student)
     trainable.train()
+    if teacher is not None:
+        teacher.train()  # stays in eval mode
     opt = torch.optim.SGD(trainable.parameters(), lr=0.05, momentum=0.9)
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(16, 3, 16, 16, generator=g), torch.randint(0, 10, (16,), generator=g)
     first = None
     for _ in range(25):
-        logits, weak = trainable(x)
-        total = sum(m.losses(logits, weak, x, y, epoch=5).values())
+        out = trainable(x)
+        t_out = None if teacher is None else teacher(x, m.teacher_outputs)
+        total = sum(v for k, v in m.losses(out, t_out, y, epoch=5).items() if k.startswith("loss_"))
         first = float(total.detach()) if first is None else first
         opt.zero_grad()
         total.backward()
         opt.step()
     assert float(total.detach()) < 0.7 * first, (first, float(total.detach()))
     if teacher is not None:
-        assert not teacher.training and all(not p.requires_grad for p in teacher.parameters())
+        assert not teacher.model.training and all(not p.requires_grad for p in teacher.parameters())
 
 
 @pytest.mark.parametrize("method", sorted(PARAMS))
@@ -68,7 +70,7 @@ def test_every_method_trains_end_to_end(method, tmp_path):
     cfg = load_config(run_config(tmp_path, method, train={"progress": False, "tensorboard": method == "nkd",
                                                           "max_steps_per_epoch": 3}))
     t = Trainer(cfg)
-    teacher_before = None if t.method.teacher is None else {k: v.clone() for k, v in t.method.teacher.state_dict().items()}
+    teacher_before = None if t.teacher is None else {k: v.clone() for k, v in t.teacher.state_dict().items()}
     summary = t.fit()
     run = Path(cfg.output_dir)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -81,9 +83,9 @@ def test_every_method_trains_end_to_end(method, tmp_path):
     has_head = any(k.startswith("head.") for k in ck["trainable"])
     assert has_head == (method == "uskd")
     if teacher_before is not None:  # frozen: weights and BN statistics untouched
-        for k, v in t.method.teacher.state_dict().items():
+        for k, v in t.teacher.state_dict().items():
             assert torch.equal(v, teacher_before[k]), k
-        assert not t.method.teacher.training
+        assert not t.teacher.model.training
     if method == "nkd":
         assert list((run / "tb").iterdir())
 

@@ -33,14 +33,13 @@ def _bad_input(msg: str) -> int:
 @command("train", "train a model from a YAML config (key=value overrides allowed)")
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .engine import Trainer
+    from .engine import NonFiniteError, StopRequested, Trainer
     from .engine.checkpoint import CheckpointWriteError
-    from .engine.trainer import NonFiniteError, StopRequested
 
     cfg = load_config(args.config, args.overrides, check_files=True)
     try:
-        trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
-    except (ValueError, OSError) as e:  # setup problems: bad checkpoint, data, output dir
+        trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite, allow_changes=args.allow_changes)
+    except (ValueError, OSError) as e:  # setup problems: bad checkpoint, data, output dir, lock
         return _bad_input(str(e))
     try:
         trainer.fit()
@@ -77,6 +76,8 @@ def _train_parser(p: argparse.ArgumentParser) -> None:
                        help="continue from OUTPUT_DIR/checkpoints/last.pt (from scratch if there is none)")
     start.add_argument("--overwrite", action="store_true",
                        help="delete the checkpoints already in OUTPUT_DIR and start again (refused otherwise)")
+    p.add_argument("--allow-changes", action="store_true",
+                   help="with --resume: accept a config that changes the run (listed, and recorded in its history)")
 
 
 @command("eval", "evaluate a checkpoint on the config's evaluation split")
@@ -94,16 +95,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return _bad_input(f"--checkpoint: file not found: {path}")
     device = torch.device("cuda" if cfg.train.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     model = create_model(cfg.model.name, cfg.model.num_classes)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        load_weights(model, load_file(str(path)))
-    else:
-        load_weights(model, path)
+    try:
+        load_weights(model, _read_weights(path))
+    except ValueError as e:
+        return _bad_input(f"--checkpoint: {e}")
     model.to(device)
     result = evaluate_model(model, build_loaders(cfg, device).eval, device)
     print(json.dumps({"checkpoint": str(path), **result}))
     return 0
+
+
+def _read_weights(path: Path):
+    """A checkpoint file's contents (``.safetensors`` or a torch file); unreadable → ValueError."""
+    if path.suffix != ".safetensors":
+        from .models.checkpoint import read_checkpoint
+
+        return read_checkpoint(path)
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"checkpoint {path} is unreadable (not a complete safetensors file): {e}") from e
 
 
 def _eval_parser(p: argparse.ArgumentParser) -> None:
@@ -123,12 +137,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     src = run / "checkpoints" / ("last.pt" if args.last else "best.pt")
     if not src.is_file():
         return _bad_input(f"no checkpoint at {src}")
-    ck = load_checkpoint(src)
-    sd = {k: v.contiguous() for k, v in extract_state_dict(ck, str(src)).items()}
+    try:
+        ck = load_checkpoint(src)
+        sd = {k: v.contiguous() for k, v in extract_state_dict(ck, str(src)).items()}
+        meta = {"model": str(ck["model_name"]), "num_classes": str(ck["num_classes"]), "method": str(ck["method"]),
+                "epoch": str(int(ck["epoch"]) + 1)}
+    except (ValueError, KeyError, TypeError) as e:
+        return _bad_input(f"{src}: not an nkd training checkpoint ({e})" if not isinstance(e, ValueError) else str(e))
     out = Path(args.out) if args.out else run / "student.safetensors"
-    meta = {"model": str(ck["model_name"]), "num_classes": str(ck["num_classes"]), "method": str(ck["method"]),
-            "epoch": str(int(ck["epoch"]) + 1)}
     save_file(sd, str(out), metadata=meta)
+    mask = os.umask(0)
+    os.umask(mask)
+    out.chmod(0o666 & ~mask)  # like every other file nkd writes (safetensors creates it 0600)
     print(f"wrote {out} ({len(sd)} tensors, {meta})")
     return 0
 
@@ -167,31 +187,45 @@ def _seed_list(text: str) -> list[int]:
     return seeds
 
 
-@command("sweep", "run a config over several seeds (parallel processes) and report mean ± std")
+@command("sweep", "run configs over several seeds (parallel processes; --share-teacher: lockstep) and report")
 def cmd_sweep(args: argparse.Namespace) -> int:
     from .config import load_config
+    from .engine import NonFiniteError
     from .report import write_report
     from .sweep import sweep
 
-    load_config(args.config, args.overrides, check_files=True)
+    configs = [a for a in args.items if "=" not in a]
+    overrides = [a for a in args.items if "=" in a]
+    if not configs:
+        return _bad_input("sweep: name at least one config file")
+    for c in configs:
+        load_config(c, overrides, check_files=True)
     try:
-        dirs = sweep(args.config, args.seeds, args.overrides, args.workers, resume=args.resume, overwrite=args.overwrite)
+        dirs = sweep(configs, args.seeds, overrides, args.workers, resume=args.resume, overwrite=args.overwrite,
+                     share_teacher=args.share_teacher, allow_changes=args.allow_changes)
     except ValueError as e:
         return _bad_input(str(e))
-    out = Path(args.report_dir) if args.report_dir else dirs[0].parent
-    print(write_report(dirs, out, title=f"sweep of {args.config}"))
+    except NonFiniteError as e:
+        print(f"nkd: training stopped: {e}", file=sys.stderr)
+        return 1
+    out = Path(args.report_dir) if args.report_dir else Path(os.path.commonpath([str(d.parent) for d in dirs]))
+    print(write_report(dirs, out, title=f"sweep of {', '.join(configs)}"))
     print(f"report: {out / 'report.md'}")
     return 0
 
 
 def _sweep_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*")
+    p.add_argument("items", nargs="+", metavar="CONFIG_OR_OVERRIDE",
+                   help="one or more YAML configs, then key=value overrides applied to each")
+    p.add_argument("--share-teacher", action="store_true",
+                   help="train the runs of a seed that share data and teacher in one process, in lockstep "
+                        "(one teacher forward per batch; each student bitwise as if trained alone)")
+    p.add_argument("--allow-changes", action="store_true", help="with --resume: as for nkd train")
     p.add_argument("--seeds", type=_seed_list, default=[0, 1, 2], help="e.g. 0,1,2")
     p.add_argument("--workers", type=int, default=None, help="parallel runs (default: one per core)")
     p.add_argument("--report-dir", help="where report.md goes (default: the config's output_dir)")
     start = p.add_mutually_exclusive_group()
-    start.add_argument("--resume", action="store_true", help="continue each seed's run (finished ones are not retrained)")
+    start.add_argument("--resume", action="store_true", help="continue each run (finished ones are not retrained)")
     start.add_argument("--overwrite", action="store_true", help="delete the seeds' existing checkpoints and start again")
 
 

@@ -1,16 +1,18 @@
 """Typed experiment configuration: dataclasses + YAML + ``key=value`` overrides.
 
-One experiment per YAML file. Unknown or misspelled keys, wrong types and out-of-range values
-are collected into one :class:`ConfigError` that lists every problem with its dotted path.
-Method hyper-parameters live under ``method.params`` and are checked against the chosen
-method's own parameter dataclass (see :mod:`nkd.methods`).
+One experiment per YAML file. Unknown or misspelled keys, wrong types, non-finite or
+out-of-range values, unknown models or model arguments, bad method parameters and settings
+that contradict each other are collected into one :class:`ConfigError` that lists every
+problem with its dotted path, before anything is created. Method hyper-parameters live under
+``method.params`` and are checked by the chosen method's own parameter dataclass
+(:mod:`nkd.methods`); the loaded config holds them resolved (defaults filled in), so a run's
+``config.yaml`` says exactly what ran. Every key is documented in ``docs/config.md``
+(generated from these dataclasses by :func:`config_reference`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
 import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,106 +20,159 @@ from typing import Any, Literal
 
 import yaml
 
+from .methods import validate_method
+from .typed import ConfigError, build_dataclass, describe, first_line, load_yaml
 
-class ConfigError(ValueError):
-    """Every problem found in a config, one per line, each with its dotted path."""
+__all__ = ["Config", "ConfigError", "DataConfig", "ModelConfig", "MethodConfig", "OptimConfig", "ScheduleConfig",
+           "TrainConfig", "load_config", "dump_config", "config_reference", "RUN_KEYS_SAFE_TO_CHANGE"]
 
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("invalid config:\n" + "\n".join(f"  - {p}" for p in problems))
+
+def opt(default: Any, doc: str, *, factory: bool = False) -> Any:
+    """A config field with its documentation (the config reference is generated from it)."""
+    if factory:
+        return field(default_factory=lambda: list(default), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+DATASETS = ("cifar100", "cifar10", "image_folder_small", "imagenet_folder", "synthetic", "digits")
 
 
 @dataclass
 class DataConfig:
-    name: Literal["cifar100", "cifar10", "image_folder_small", "imagenet_folder", "synthetic", "digits"] = "cifar100"
-    root: str | None = None
-    batch_size: int = 64  # per process
-    global_batch_size: int | None = None  # if set: batch_size = global_batch_size / world_size
-    eval_batch_size: int = 256
-    num_workers: int = 4
-    image_size: int = 32
-    crop_padding: int = 4  # random-crop zero padding (small-image datasets)
-    flip: bool = True  # random horizontal flip (small-image datasets)
-    train_subset: int | None = None
-    subset_seed: int = 0
-    randaugment: bool = False  # ImageNet folders: torchvision RandAugment (m=9, n=2)
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    label_smoothing: float = 0.0
-    download: bool = False
-    verify_checksums: bool = True
-    cache_dir: str | None = None
-    synthetic_samples: int = 512
-    synthetic_classes: int = 10
-    synthetic_seed: int = 0
-    mean: list[float] | None = None
-    std: list[float] | None = None
+    """Dataset, batching and augmentation."""
+
+    name: Literal["cifar100", "cifar10", "image_folder_small", "imagenet_folder", "synthetic", "digits"] = opt(
+        "cifar100", "dataset kind: `cifar100`/`cifar10` (the official python archives), `image_folder_small` "
+        "(`root/{train,test}/<class>/<image>`, decoded once into memory, CIFAR-style augmentation), "
+        "`imagenet_folder` (`root/{train,val}/<class>/<image>` read by worker processes, ImageNet augmentation), "
+        "`synthetic` (random learnable images, for tests), `digits` (scikit-learn's 8×8 digits)")
+    root: str | None = opt(None, "dataset folder (CIFAR: where `cifar-100-python/` lies or is downloaded to; "
+                                 "default `data`)")
+    batch_size: int = opt(64, "training batch size per process")
+    global_batch_size: int | None = opt(None, "if set, the batch size summed over all processes: each process "
+                                              "takes `global_batch_size / world_size` (keeps a recipe's batch "
+                                              "whatever the GPU count)")
+    eval_batch_size: int = opt(256, "evaluation batch size per process")
+    num_workers: int = opt(4, "loader worker processes (`imagenet_folder` only)")
+    image_size: int = opt(32, "image side in pixels: the crop size of `imagenet_folder`, the size "
+                              "`image_folder_small` images are resized to, the side of `synthetic` images")
+    crop_padding: int = opt(4, "random-crop zero padding in pixels (small-image datasets; 0 disables the crop)")
+    flip: bool = opt(True, "random horizontal flip (small-image datasets)")
+    train_subset: int | None = opt(None, "train on a random subset of this many training images "
+                                         "(drawn with `subset_seed`)")
+    subset_seed: int = opt(0, "seed of the `train_subset` draw (fixed across runs of different seeds)")
+    randaugment: bool = opt(False, "`imagenet_folder`: torchvision RandAugment (2 ops, magnitude 9)")
+    mixup: float = opt(0.0, "MixUp alpha (0: off); labels become soft `[N, C]`")
+    cutmix: float = opt(0.0, "CutMix alpha (0: off); with both on, one of the two per batch (p = 0.5)")
+    label_smoothing: float = opt(0.0, "smooth the (mixed) labels: `y·(1−ε) + ε/C`")
+    download: bool = opt(False, "CIFAR: download the archive (checksummed) when it is missing")
+    verify_checksums: bool = opt(True, "CIFAR: check the files against the official md5 sums")
+    cache_dir: str | None = opt(None, "where decoded image folders are cached (default `$NKD_CACHE_DIR` or "
+                                      "`~/.cache/nkd`)")
+    synthetic_samples: int = opt(512, "`synthetic`: number of training images (test split: a quarter)")
+    synthetic_classes: int = opt(10, "`synthetic`: number of classes")
+    synthetic_seed: int = opt(0, "`synthetic`: seed of the class patterns and samples")
+    mean: list[float] | None = opt(None, "per-channel normalization mean (default: the dataset's known "
+                                         "statistics; image folders: computed from the training split)")
+    std: list[float] | None = opt(None, "per-channel normalization std (default as for `mean`)")
 
 
 @dataclass
 class ModelConfig:
-    name: str = "resnet8x4"
-    num_classes: int = 100
-    checkpoint: str | None = None
-    kwargs: dict[str, Any] = field(default_factory=dict)  # passed to the constructor (e.g. timm's drop_path_rate)
+    """A network: the student (`model`) or the frozen teacher (`teacher`)."""
+
+    name: str = opt("resnet8x4", "a zoo name (`resnet8 … resnet110`, `resnet8x4`, `resnet32x4`, `wrn_16_1 … "
+                                 "wrn_40_2`, `vgg8 … vgg19`, `mobilenetv2`, `shufflev1`, `shufflev2`, `resnet50`, "
+                                 "`resnet18_cifar`, `resnet34_cifar`), `timm/<name>` or `tv/<name>`")
+    num_classes: int = opt(100, "number of classes (must match the dataset and the teacher)")
+    checkpoint: str | None = opt(None, "weights to load (a bare state_dict or one under `model`/`state_dict`/"
+                                       "`student`, nkd checkpoints included); required for a teacher in practice")
+    kwargs: dict[str, Any] = field(default_factory=dict, metadata={
+        "doc": "extra constructor arguments, e.g. timm's `drop_path_rate`; checked against the model"})
 
 
 @dataclass
 class MethodConfig:
-    name: str = "ce"
-    params: dict[str, Any] = field(default_factory=dict)
+    """The training objective."""
+
+    name: str = opt("ce", "`ce`, `kd`, `dkd`, `nkd`, `uskd`, `ls`, `zipf_ls`, `tfkd` (see docs/methods.md)")
+    params: dict[str, Any] = field(default_factory=dict, metadata={
+        "doc": "the method's hyper-parameters (table below); a run's config.yaml lists them all, defaults included"})
 
 
 @dataclass
 class OptimConfig:
-    name: Literal["sgd", "adamw"] = "sgd"
-    lr: float = 0.05
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 5e-4
-    no_decay_norm_bias: bool = False
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Optimizer."""
+
+    name: Literal["sgd", "adamw"] = opt("sgd", "`sgd` (momentum) or `adamw`")
+    lr: float = opt(0.05, "base learning rate (the schedule scales it)")
+    momentum: float = opt(0.9, "SGD momentum, in [0, 1)")
+    nesterov: bool = opt(False, "SGD Nesterov momentum")
+    weight_decay: float = opt(5e-4, "weight decay (decoupled for AdamW)")
+    no_decay_norm_bias: bool = opt(False, "no weight decay on biases and 1-D (normalization) weights")
+    betas: list[float] = opt([0.9, 0.999], "AdamW betas", factory=True)
 
 
 @dataclass
 class ScheduleConfig:
-    name: Literal["multistep", "cosine", "exponential", "linear", "constant"] = "multistep"
-    epochs: int = 240
-    milestones: list[int] = field(default_factory=lambda: [150, 180, 210])
-    gamma: float = 0.1
-    warmup_epochs: float = 0.0
-    warmup_start_factor: float = 0.001
-    min_lr: float = 0.0
+    """Learning-rate schedule, a pure function of the (fractional) epoch."""
+
+    name: Literal["multistep", "cosine", "exponential", "linear", "constant"] = opt(
+        "multistep", "`multistep` (×gamma at each milestone), `cosine` (to `min_lr`), `exponential` "
+        "(×gamma per epoch), `linear` (to `min_lr`), `constant`")
+    epochs: int = opt(240, "number of training epochs")
+    milestones: list[int] = opt([150, 180, 210], "`multistep`: epochs at which the lr is multiplied by gamma "
+                                                  "(each must be ≤ epochs)", factory=True)
+    gamma: float = opt(0.1, "`multistep`/`exponential` decay factor")
+    warmup_epochs: float = opt(0.0, "linear warm-up length in epochs (per step; fractions allowed)")
+    warmup_start_factor: float = opt(0.001, "warm-up starts at this fraction of the lr")
+    min_lr: float = opt(0.0, "`cosine`/`linear`: final lr")
 
 
 @dataclass
 class TrainConfig:
-    device: str = "auto"
-    amp: Literal["none", "bf16", "fp16"] = "none"
-    channels_last: bool = False
-    sync_bn: bool = False
-    compile: bool = False
-    compile_mode: str = "default"  # torch.compile mode, e.g. "reduce-overhead" (CUDA graphs), "max-autotune"
-    log_every: int = 50  # steps between progress-bar updates and non-finite checks (policy "stop")
-    grad_clip: float | None = None
-    ema_decay: float | None = None
-    eval_every: int = 1
-    nan_policy: Literal["stop", "skip"] = "stop"
-    max_steps_per_epoch: int | None = None
-    checkpoint_every_steps: int = 0  # also write last.pt every N steps inside an epoch (0: at epoch ends only)
-    deterministic: bool = False
-    progress: bool = True
-    console: bool = True  # per-epoch log lines on stdout (train.log is always written)
-    tensorboard: bool = True
+    """The training loop."""
+
+    device: str = opt("auto", "`auto` (CUDA if available), `cuda`, `cpu`")
+    threads: int | None = opt(None, "CPU threads for this process (default: torch's choice, normally all "
+                                    "cores; also set by `OMP_NUM_THREADS`). Bitwise reproducibility on the CPU "
+                                    "needs the same thread count")
+    amp: Literal["none", "bf16", "fp16"] = opt("none", "mixed precision (losses always compute in float32)")
+    channels_last: bool = opt(False, "channels-last memory format (faster convolutions on recent GPUs)")
+    sync_bn: bool = opt(False, "under torchrun: BatchNorm statistics over the global batch "
+                               "(torch's SyncBatchNorm on CUDA, nkd's own on CPU/gloo)")
+    compile: bool = opt(False, "torch.compile the student and the teacher")
+    compile_mode: str = opt("default", "torch.compile mode: `default`, `reduce-overhead` (CUDA graphs), "
+                                       "`max-autotune`, `max-autotune-no-cudagraphs`")
+    log_every: int = opt(50, "steps between progress lines/TensorBoard step scalars, non-finite checks "
+                             "(policy `stop`) and, under torchrun, stop-signal agreement")
+    grad_clip: float | None = opt(None, "clip the gradient norm to this value (null: no clipping)")
+    ema_decay: float | None = opt(None, "keep an exponential moving average of the student's weights with this "
+                                        "decay, in (0, 1), evaluated each epoch as `ema_top1` (null: off)")
+    eval_every: int = opt(1, "evaluate every N epochs (and always after the last)")
+    nan_policy: Literal["stop", "skip"] = opt("stop", "a non-finite loss or gradient: `stop` the run (exit 1, "
+                                                      "last good checkpoint kept) or `skip` the step")
+    max_steps_per_epoch: int | None = opt(None, "cap the steps per epoch (quick trials)")
+    checkpoint_every_steps: int = opt(0, "also write last.pt every N steps inside an epoch, so --resume continues "
+                                         "from there (0: at epoch ends only)")
+    deterministic: bool = opt(False, "torch.use_deterministic_algorithms (GPU; slower)")
+    progress: bool = opt(True, "progress bar when stdout is a terminal (otherwise a plain line every log_every "
+                               "steps)")
+    console: bool = opt(True, "log lines on stdout (train.log is always written)")
+    tensorboard: bool = opt(True, "TensorBoard event files in `output_dir/tb`")
 
 
 @dataclass
 class Config:
-    seed: int = 0
-    output_dir: str = "runs/default"
+    """One experiment."""
+
+    seed: int = opt(0, "seeds everything: initialization, data order, augmentation")
+    output_dir: str = opt("runs/default", "the run directory (checkpoints, metrics, logs)")
+    label: str | None = opt(None, "free-text name of the run shown by `nkd report` (e.g. `kd, CE weight 1.0 "
+                                  "(control)`); runs with the same label and settings are seeds of one row")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    teacher: ModelConfig | None = None
+    teacher: ModelConfig | None = field(default=None, metadata={"doc": "the frozen teacher (methods kd, dkd, nkd)"})
     method: MethodConfig = field(default_factory=MethodConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -127,78 +182,16 @@ class Config:
         return asdict(self)
 
 
-# ----------------------------------------------------------------------------- building
-def _type_ok(value: Any, tp: Any) -> bool:
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return True
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return value is None
-    if origin is Literal:
-        return value in typing.get_args(tp)
-    if origin in (list, tuple):
-        (inner, *_) = typing.get_args(tp) or (Any,)
-        return isinstance(value, list) and all(_type_ok(v, inner) for v in value)
-    if origin is dict:
-        return isinstance(value, dict)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, tp)
-
-
-def _describe(tp: Any) -> str:
-    if typing.get_origin(tp) is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    return getattr(tp, "__name__", None) if isinstance(tp, type) else str(tp).replace("typing.", "")
-
-
-def build_dataclass(cls: type, data: Any, path: str, problems: list[str]):
-    """Instantiate ``cls`` from a mapping, recording every unknown key and type error."""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        problems.append(f"{path or 'config'}: expected a mapping, got {type(data).__name__}")
-        return cls()
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in names:
-            close = difflib.get_close_matches(str(key), sorted(names), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            problems.append(f"{path}{key}: unknown key{hint}; allowed: {', '.join(sorted(names))}")
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in data:
-            continue
-        value, tp = data[f.name], hints[f.name]
-        sub = _dataclass_in(tp)
-        if sub is not None and (value is not None or not _type_ok(None, tp)):
-            kwargs[f.name] = build_dataclass(sub, value, f"{path}{f.name}.", problems)
-        elif _type_ok(value, tp):
-            kwargs[f.name] = float(value) if tp is float and isinstance(value, int) else value
-        else:
-            problems.append(f"{path}{f.name}: expected {_describe(tp)}, got {value!r}")
-    return cls(**kwargs)
-
-
-def _dataclass_in(tp: Any) -> type | None:
-    if dataclasses.is_dataclass(tp):
-        return tp
-    for a in typing.get_args(tp):
-        if dataclasses.is_dataclass(a):
-            return a
-    return None
-
-
+# ----------------------------------------------------------------------------- loading
 def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError([f"override {item!r}: expected key=value (e.g. optim.lr=0.1)"])
     key, raw = item.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = load_yaml(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError([f"override {item!r}: the value is not valid YAML ({e})"]) from e
+    return key.strip().split("."), value
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -214,70 +207,82 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def check_ranges(cfg: Config, problems: list[str]) -> None:
+    """Value ranges and settings that contradict each other (on the fields that parsed)."""
+
     def need(cond: bool, msg: str) -> None:
         if not cond:
             problems.append(msg)
 
-    need(cfg.optim.lr > 0, f"optim.lr: must be > 0, got {cfg.optim.lr}")
-    need(cfg.optim.weight_decay >= 0, f"optim.weight_decay: must be >= 0, got {cfg.optim.weight_decay}")
-    need(0 <= cfg.optim.momentum < 1, f"optim.momentum: must lie in [0, 1), got {cfg.optim.momentum}")
-    need(cfg.schedule.epochs >= 1, f"schedule.epochs: must be >= 1, got {cfg.schedule.epochs}")
-    need(cfg.schedule.warmup_epochs >= 0, f"schedule.warmup_epochs: must be >= 0, got {cfg.schedule.warmup_epochs}")
-    need(cfg.data.batch_size >= 1, f"data.batch_size: must be >= 1, got {cfg.data.batch_size}")
-    need(cfg.data.eval_batch_size >= 1, f"data.eval_batch_size: must be >= 1, got {cfg.data.eval_batch_size}")
+    o, sch, d, t = cfg.optim, cfg.schedule, cfg.data, cfg.train
+    need(o.lr > 0, f"optim.lr: must be > 0, got {o.lr}")
+    need(o.weight_decay >= 0, f"optim.weight_decay: must be >= 0, got {o.weight_decay}")
+    need(0 <= o.momentum < 1, f"optim.momentum: must lie in [0, 1), got {o.momentum}")
+    need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas: two numbers in [0, 1), got {o.betas}")
+    need(sch.epochs >= 1, f"schedule.epochs: must be >= 1, got {sch.epochs}")
+    need(sch.warmup_epochs >= 0, f"schedule.warmup_epochs: must be >= 0, got {sch.warmup_epochs}")
+    need(sch.warmup_epochs <= sch.epochs, f"schedule.warmup_epochs: the warm-up ({sch.warmup_epochs} epochs) is "
+                                          f"longer than the run (schedule.epochs={sch.epochs})")
+    late = [m for m in sch.milestones if m > sch.epochs]
+    need(sch.name != "multistep" or not late,
+         f"schedule.milestones: {late} lie beyond the last epoch (schedule.epochs={sch.epochs}), so the lr would never "
+         f"drop there; set schedule.milestones for a {sch.epochs}-epoch run")
+    need(d.batch_size >= 1, f"data.batch_size: must be >= 1, got {d.batch_size}")
+    need(d.global_batch_size is None or d.global_batch_size >= 1,
+         f"data.global_batch_size: must be >= 1 or null, got {d.global_batch_size}")
+    need(d.eval_batch_size >= 1, f"data.eval_batch_size: must be >= 1, got {d.eval_batch_size}")
+    need(d.image_size >= 1, f"data.image_size: must be >= 1, got {d.image_size}")
+    need(d.train_subset is None or d.train_subset >= 1, f"data.train_subset: must be >= 1 or null, got {d.train_subset}")
+    need(d.num_workers >= 0, f"data.num_workers: must be >= 0, got {d.num_workers}")
+    need(d.mixup >= 0 and d.cutmix >= 0, "data.mixup / data.cutmix: must be >= 0")
+    need(0 <= d.label_smoothing < 1, f"data.label_smoothing: must lie in [0, 1), got {d.label_smoothing}")
+    need(d.crop_padding >= 0, f"data.crop_padding: must be >= 0, got {d.crop_padding}")
+    for key in ("mean", "std"):
+        v = getattr(d, key)
+        need(v is None or len(v) == 3, f"data.{key}: three per-channel values (RGB), got {v}")
+    need(d.std is None or all(x > 0 for x in d.std), f"data.std: must be > 0, got {d.std}")
+    need(t.grad_clip is None or t.grad_clip > 0, "train.grad_clip: must be > 0 or null")
+    need(t.log_every >= 1, f"train.log_every: must be >= 1, got {t.log_every}")
+    need(t.eval_every >= 1, f"train.eval_every: must be >= 1, got {t.eval_every}")
+    need(t.threads is None or t.threads >= 1, f"train.threads: must be >= 1 or null, got {t.threads}")
+    need(t.max_steps_per_epoch is None or t.max_steps_per_epoch >= 1,
+         f"train.max_steps_per_epoch: must be >= 1 or null, got {t.max_steps_per_epoch}")
+    need(t.checkpoint_every_steps >= 0,
+         f"train.checkpoint_every_steps: must be >= 0 (0 = at epoch ends only), got {t.checkpoint_every_steps}")
+    need(t.compile_mode in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+         f"train.compile_mode: unknown mode {t.compile_mode!r}")
+    need(t.ema_decay is None or 0 < t.ema_decay < 1, "train.ema_decay: must lie in (0, 1) or null")
     need(cfg.model.num_classes >= 2, f"model.num_classes: must be >= 2, got {cfg.model.num_classes}")
-    need(cfg.data.mixup >= 0 and cfg.data.cutmix >= 0, "data.mixup / data.cutmix: must be >= 0")
-    need(0 <= cfg.data.label_smoothing < 1, f"data.label_smoothing: must lie in [0, 1), got {cfg.data.label_smoothing}")
-    need(cfg.train.grad_clip is None or cfg.train.grad_clip > 0, "train.grad_clip: must be > 0 or null")
-    need(cfg.train.log_every >= 1, f"train.log_every: must be >= 1, got {cfg.train.log_every}")
-    need(cfg.train.checkpoint_every_steps >= 0,
-         f"train.checkpoint_every_steps: must be >= 0 (0 = at epoch ends only), got {cfg.train.checkpoint_every_steps}")
-    need(cfg.train.compile_mode in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
-         f"train.compile_mode: unknown mode {cfg.train.compile_mode!r}")
-    need(cfg.train.ema_decay is None or 0 < cfg.train.ema_decay < 1, "train.ema_decay: must lie in (0, 1) or null")
     if cfg.teacher is not None:
         need(cfg.teacher.num_classes == cfg.model.num_classes,
              f"teacher.num_classes: {cfg.teacher.num_classes} differs from model.num_classes {cfg.model.num_classes}")
-    need(cfg.data.crop_padding >= 0, f"data.crop_padding: must be >= 0, got {cfg.data.crop_padding}")
-    if cfg.data.name == "digits":
-        need(cfg.model.num_classes == 10, f"model.num_classes: {cfg.model.num_classes} does not match digits (10 classes)")
-    if cfg.data.name == "synthetic":
-        need(cfg.data.synthetic_classes == cfg.model.num_classes,
-             f"model.num_classes: {cfg.model.num_classes} does not match the dataset's {cfg.data.synthetic_classes} "
-             "classes (data.synthetic_classes)")
-    known = {"cifar100": 100, "cifar10": 10}
-    if cfg.data.name in known:
-        need(cfg.model.num_classes == known[cfg.data.name],
-             f"model.num_classes: {cfg.model.num_classes} does not match {cfg.data.name} ({known[cfg.data.name]} classes)")
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                check_files: bool = False) -> Config:
-    """Read YAML (or start from defaults), apply ``key=value`` overrides, validate everything.
+def check_classes(cfg: Config, problems: list[str]) -> None:
+    """``model.num_classes`` against the dataset's class count, where it is known without decoding."""
+    d = cfg.data
+    known = {"cifar100": 100, "cifar10": 10, "digits": 10, "synthetic": d.synthetic_classes}.get(d.name)
+    if known is not None and cfg.model.num_classes != known:
+        what = "data.synthetic_classes" if d.name == "synthetic" else d.name
+        problems.append(f"model.num_classes: {cfg.model.num_classes} does not match the dataset's {known} classes "
+                        f"({what})")
 
-    ``check_files=True`` also checks that the teacher checkpoint and dataset paths exist.
-    """
-    data: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError([f"config file not found: {p}"])
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError([f"{p}: not valid YAML: {e}"]) from e
-    data = apply_overrides(data, overrides or [])
-    problems: list[str] = []
-    cfg = build_dataclass(Config, data, "", problems)
-    check_ranges(cfg, problems)  # on the fields that parsed (defaults stand in for broken ones)
-    from .methods import validate_method  # late import: methods import losses/models
 
-    validate_method(cfg, problems)
-    if check_files:
-        check_paths(cfg, problems)
-    if problems:
-        raise ConfigError(problems)
-    return cfg
+def check_model(mc: ModelConfig, path: str, problems: list[str]) -> None:
+    """Build the model on the ``meta`` device (no memory, no weights): an unknown name or a
+    constructor argument the model does not take is a config problem, not a crash later."""
+    import torch
+
+    from .models import create_model
+
+    try:
+        with torch.device("meta"):
+            create_model(mc.name, mc.num_classes, **mc.kwargs)
+    except ImportError as e:
+        problems.append(f"{path}.name: {mc.name!r} needs a package that is not installed ({e})")
+    except (TypeError, ValueError, RuntimeError, KeyError, AssertionError) as e:
+        text = first_line(e).strip("\"'")
+        key = "kwargs" if mc.kwargs and isinstance(e, TypeError) else "name"
+        problems.append(f"{path}.{key}: cannot build {mc.name!r}{f' with {mc.kwargs}' if mc.kwargs else ''}: {text}")
 
 
 def check_paths(cfg: Config, problems: list[str]) -> None:
@@ -291,5 +296,128 @@ def check_paths(cfg: Config, problems: list[str]) -> None:
         problems.append(f"data.root: required for data.name={cfg.data.name!r}")
 
 
+def read_yaml_file(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError([f"config file not found: {p}"])
+    try:
+        data = load_yaml(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{p}: not valid YAML: {e}"]) from e
+    if not isinstance(data, dict):
+        raise ConfigError([f"{p}: expected a mapping of config sections, got {type(data).__name__}"])
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                check_files: bool = False) -> Config:
+    """Read YAML (or start from defaults), apply ``key=value`` overrides, validate everything,
+    and return the config with the method's parameters resolved (defaults filled in).
+
+    ``check_files=True`` also checks that checkpoints and dataset paths exist.
+    """
+    data = read_yaml_file(path) if path is not None else {}
+    data = apply_overrides(data, overrides or [])
+    problems: list[str] = []
+    cfg = build_dataclass(Config, data, "", problems)
+    check_ranges(cfg, problems)  # on the fields that parsed (defaults stand in for broken ones)
+    name_ok = not any(p.startswith("data.name:") for p in problems)
+    if name_ok:  # a wrong data.name is the problem; its class count would only be a follow-on error
+        check_classes(cfg, problems)
+    params = validate_method(cfg, problems)
+    if params is not None:
+        cfg.method.params = asdict(params)
+    for mc, where in ((cfg.model, "model"), (cfg.teacher, "teacher")):
+        if mc is not None and not any(p.startswith(f"{where}.") for p in problems):
+            check_model(mc, where, problems)
+    if check_files:
+        check_paths(cfg, problems)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
 def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- resuming
+#: keys that may change between a run and its ``--resume`` without altering what is trained
+RUN_KEYS_SAFE_TO_CHANGE = (
+    "output_dir", "label", "data.root", "data.num_workers", "data.cache_dir", "data.download", "data.eval_batch_size",
+    "data.verify_checksums", "train.threads", "train.progress", "train.console", "train.tensorboard", "train.log_every",
+    "train.eval_every", "train.checkpoint_every_steps", "train.device", "train.compile", "train.compile_mode",
+)
+
+
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` → ``{"a.b": 1}`` (lists and scalars are leaves)."""
+    if not isinstance(d, dict):
+        return {prefix.rstrip("."): d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
+    """The keys whose values differ between two config dicts (``{key: (old, new)}``), leaving out
+    :data:`RUN_KEYS_SAFE_TO_CHANGE`."""
+    a, b = flatten(old), flatten(new)
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and not any(k == s or k.startswith(s + ".") for s in RUN_KEYS_SAFE_TO_CHANGE)}
+
+
+# ----------------------------------------------------------------------------- reference
+def config_reference() -> str:
+    """Markdown reference of every key: dotted path, type, default, meaning (docs/config.md)."""
+    from .methods import METHODS
+
+    lines = ["# Configuration reference", "",
+             "Generated from the dataclasses in `src/nkd/config.py` and `src/nkd/methods/` by "
+             "`python -m nkd.config > docs/config.md` (a test checks that this file is up to date).",
+             "", "A config is one YAML file; any key can be overridden on the command line as `key=value` "
+             "(e.g. `optim.lr=1e-3 data.batch_size=128`). Unknown keys, wrong types and out-of-range values are "
+             "errors listed together before anything runs.", ""]
+
+    def section(cls: type, prefix: str) -> None:
+        lines.extend([f"## `{prefix.rstrip('.') or '(top level)'}` — {cls.__doc__.strip()}", "",
+                      "| key | type | default | meaning |", "|---|---|---|---|"])
+        hints = typing.get_type_hints(cls)
+        subs = []
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            sub = next((a for a in (tp, *typing.get_args(tp)) if dataclasses.is_dataclass(a)), None)
+            if sub is not None and f.name != "teacher":
+                subs.append((sub, f"{prefix}{f.name}."))
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            shown = "null" if default is None else yaml.safe_dump(default, default_flow_style=True).strip()
+            shown = shown.removesuffix("...").strip()
+            kind = "model section (as `model`) or null" if f.name == "teacher" else describe(tp)
+            lines.append(f"| `{prefix}{f.name}` | {kind.replace('|', 'or')} | `{shown}` | {f.metadata.get('doc', '')} |")
+        lines.append("")
+        for sub, p in subs:
+            section(sub, p)
+
+    section(Config, "")
+    lines.extend(["## `method.params` per method", "",
+                  "Defaults are the loss functions' defaults (the ImageNet settings of the papers); the published "
+                  "CIFAR-100 settings are in the shipped configs and in docs/methods.md.", "",
+                  "| method | key | type | default |", "|---|---|---|---|"])
+    for name in sorted(METHODS):
+        cls = METHODS[name].Params
+        hints = typing.get_type_hints(cls)
+        fields = dataclasses.fields(cls)
+        if not fields:
+            lines.append(f"| `{name}` | — | | |")
+        for f in fields:
+            lines.append(f"| `{name}` | `{f.name}` | {describe(hints[f.name])} | `{f.default}` |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(config_reference(), end="")

@@ -15,6 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..models.checkpoint import read_checkpoint
+from ..typed import first_line
+
 
 class CheckpointWriteError(OSError):
     """A checkpoint could not be written; the previous file at that path is untouched."""
@@ -51,7 +54,7 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> None:
     except (OSError, RuntimeError) as e:  # torch.save's zip writer reports a short write as RuntimeError
         tmp.unlink(missing_ok=True)
         kept = f"; the previous {path.name} is untouched" if path.exists() else ""
-        cause = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        cause = getattr(e, "strerror", None) or first_line(e)
         raise CheckpointWriteError(f"cannot write checkpoint {path} (disk full or not writable?): {cause}{kept}") from e
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -67,15 +70,10 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load with ``weights_only=True``; a truncated/corrupt or pickle-bearing file is a ValueError."""
+    """Load with ``weights_only=True``; an empty, truncated/corrupt or pickle-bearing file is a
+    ValueError saying which."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"checkpoint {path} is unreadable (truncated, corrupt, or holds arbitrary pickled "
-                         f"objects, which weights_only loading refuses): {str(e).splitlines()[0]}") from e
+    obj = read_checkpoint(path)
     if not isinstance(obj, dict):
         raise ValueError(f"checkpoint {path} holds a {type(obj).__name__}, not a checkpoint dict")
     return obj

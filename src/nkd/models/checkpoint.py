@@ -8,6 +8,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from ..typed import first_line
+
 STATE_KEYS = ("model", "state_dict", "student")
 
 
@@ -55,6 +57,23 @@ def describe_mismatch(model: nn.Module, sd: Mapping[str, Tensor]) -> str | None:
     return "; ".join(parts)
 
 
+def read_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> object:
+    """``torch.load`` of a checkpoint file (``weights_only`` unless ``allow_pickle``) whose every
+    failure is a ``ValueError`` naming the file and the reason (empty, truncated/corrupt, or
+    holding pickled objects); a missing file is a ``FileNotFoundError``."""
+    source = os.fspath(path)
+    if not os.path.isfile(source):
+        raise FileNotFoundError(f"checkpoint not found: {source}")
+    if os.path.getsize(source) == 0:
+        raise ValueError(f"checkpoint {source} is unreadable: the file is empty (0 bytes; a torn write)")
+    try:
+        return torch.load(source, map_location="cpu", weights_only=not allow_pickle)
+    except Exception as e:  # noqa: BLE001 - re-raised with the file named
+        why = "truncated or corrupt" if allow_pickle else ("truncated, corrupt, or holds arbitrary pickled objects, "
+                                                           "which weights_only loading refuses")
+        raise ValueError(f"checkpoint {source} is unreadable ({why}): {first_line(e)}") from e
+
+
 def load_weights(model: nn.Module, checkpoint: str | os.PathLike | Mapping, *, allow_pickle: bool = False) -> nn.Module:
     """Load weights strictly into ``model``; raise ``ValueError`` naming every mismatch.
 
@@ -64,13 +83,7 @@ def load_weights(model: nn.Module, checkpoint: str | os.PathLike | Mapping, *, a
     source = "checkpoint"
     if not isinstance(checkpoint, Mapping):
         source = os.fspath(checkpoint)
-        if not os.path.isfile(source):
-            raise FileNotFoundError(f"checkpoint file not found: {source}")
-        try:
-            checkpoint = torch.load(source, map_location="cpu", weights_only=not allow_pickle)
-        except Exception as e:  # noqa: BLE001 - re-raised with the file named
-            hint = "" if allow_pickle else " (loaded with weights_only=True; pass allow_pickle=True only for trusted files)"
-            raise ValueError(f"cannot read checkpoint {source}: {e}{hint}") from e
+        checkpoint = read_checkpoint(source, allow_pickle)
     sd = extract_state_dict(checkpoint, source)
     target = model
     inner = getattr(model, "model", None)  # timm wrapper: accept plain timm state_dicts

@@ -1,0 +1,118 @@
+"""Training state of one student: what a checkpoint holds, saving it, and resuming from it.
+
+``last.pt`` is written atomically and the previous one is kept as ``prev.pt`` (a hard link), so
+a torn or unreadable ``last.pt`` falls back to ``prev.pt``. A resume refuses a config that
+changes the run (batch size, seed, optimizer, method parameters, teacher, schedule, …: every
+key except :data:`nkd.config.RUN_KEYS_SAFE_TO_CHANGE`) and lists each change ``old → new``,
+unless ``allow_changes`` — then the changes are recorded in the state's history of changes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import config_changes
+from .checkpoint import load_checkpoint, save_atomic
+
+FORMAT = "nkd-train-v1"
+
+
+@dataclass
+class Progress:
+    """Where a student's run stands: ``epoch`` is the last *complete* epoch (0-based; -1: none);
+    ``partial`` = ``{"epoch", "step", "seen", "sums"}`` when the checkpoint was written inside an
+    epoch (``step`` steps of ``epoch`` done; the epoch's loss sums so far, summed over ranks)."""
+
+    epoch: int = -1
+    global_step: int = 0
+    best: dict[str, Any] = field(default_factory=lambda: {"top1": -1.0, "epoch": -1})
+    history: list[dict[str, Any]] = field(default_factory=list)
+    skipped_steps: int = 0
+    partial: dict[str, Any] | None = None
+    changes: list[dict[str, Any]] = field(default_factory=list)
+
+    def position(self) -> tuple[int, int]:
+        """(epoch to train next, steps of it already done)."""
+        if self.partial is not None:
+            return int(self.partial["epoch"]), int(self.partial["step"])
+        return self.epoch + 1, 0
+
+    def to_state(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "global_step": self.global_step, "best": dict(self.best),
+                "history": json.dumps(self.history), "skipped_steps": self.skipped_steps, "partial": self.partial,
+                "config_changes": json.dumps(self.changes)}
+
+    @classmethod
+    def from_state(cls, ck: dict[str, Any]) -> Progress:
+        return cls(epoch=int(ck["epoch"]), global_step=int(ck["global_step"]), best=dict(ck["best"]),
+                   history=json.loads(ck["history"]), skipped_steps=int(ck.get("skipped_steps", 0)),
+                   partial=ck.get("partial"), changes=json.loads(ck.get("config_changes", "[]")))
+
+
+def describe_position(epoch: int, step: int, steps: int | None = None) -> str:
+    """``"after epoch 3"`` or ``"inside epoch 4 (after step 20 of its 42)"`` (1-based epochs)."""
+    if step == 0:
+        return f"after epoch {epoch}" if epoch else "at the start"
+    of = f" of its {steps}" if steps else ""
+    return f"inside epoch {epoch + 1} (after step {step}{of})"
+
+
+def save_checkpoint(ckpt_dir: Path, state: dict[str, Any], is_best: bool) -> None:
+    """``last.pt`` (and ``best.pt``) atomically; the previous ``last.pt`` becomes ``prev.pt``."""
+    last = ckpt_dir / "last.pt"
+    if last.is_file():  # keep the previous complete checkpoint as prev.pt (hard link, atomic)
+        tmp = ckpt_dir / f"prev.pt.tmp-{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(last, tmp)
+            os.replace(tmp, ckpt_dir / "prev.pt")
+        except OSError:
+            tmp.unlink(missing_ok=True)
+    save_atomic(state, last)
+    if is_best:
+        save_atomic(state, ckpt_dir / "best.pt")
+
+
+def read_checkpoints(ckpt_dir: Path, log) -> list[tuple[Path, dict[str, Any]]]:
+    """The readable resume candidates, newest first: ``last.pt`` then ``prev.pt``. An unreadable
+    ``last.pt`` (torn, empty) is logged and skipped; ``[]`` when there is none at all.
+    Raises ``ValueError`` when checkpoints exist but none can be read."""
+    found, errors = [], []
+    for name in ("last.pt", "prev.pt"):
+        path = ckpt_dir / name
+        if not path.is_file():
+            continue
+        try:
+            found.append((path, load_checkpoint(path)))
+        except ValueError as e:
+            errors.append(str(e))
+            log.info("%s%s", e, "; trying the previous checkpoint" if name == "last.pt" else "")
+    if errors and not found:
+        raise ValueError(f"cannot resume: {'; '.join(errors)}")
+    return found
+
+
+def check_compatible(path: Path, ck: dict[str, Any], cfg_dict: dict[str, Any], allow_changes: bool
+                     ) -> dict[str, tuple[Any, Any]]:
+    """Refuse a checkpoint written for another run; return the accepted config changes."""
+    if ck.get("format") != FORMAT:
+        raise ValueError(f"cannot resume from {path}: not an nkd training checkpoint (format {ck.get('format')!r})")
+    for key, want in (("method", cfg_dict["method"]["name"]), ("model_name", cfg_dict["model"]["name"]),
+                      ("num_classes", cfg_dict["model"]["num_classes"])):
+        if ck.get(key) != want:
+            raise ValueError(f"cannot resume from {path}: it was written for {key}={ck.get(key)!r}, "
+                             f"the config says {want!r}")
+    old = yaml.safe_load(ck.get("config") or "{}") or {}
+    changes = config_changes(old, cfg_dict)
+    if changes and not allow_changes:
+        listed = "; ".join(f"{k}: {a!r} → {b!r}" for k, a, b in ((k, *v) for k, v in changes.items()))
+        raise ValueError(f"cannot resume from {path}: the config changes the run ({listed}); resume with the "
+                         "config it was started with, or pass --allow-changes to continue with these changes "
+                         "(they are recorded in the run's history)")
+    return changes
