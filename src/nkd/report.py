@@ -175,7 +175,10 @@ def _load(run: Path) -> tuple[dict, list[tuple[int, float]]]:
     metrics = run / "metrics.jsonl"
     if metrics.is_file():
         for i, line in enumerate(metrics.read_text().splitlines()):
-            row = json.loads(line) if line.strip() else {}
+            try:
+                row = json.loads(line) if line.strip() else {}
+            except json.JSONDecodeError as e:
+                raise ReportError(f"{metrics}: line {i + 1} is not valid JSON ({e})") from e
             if row.get("top1") is not None:
                 curve.append((int(row.get("epoch", i + 1)), float(row["top1"])))
     return s, curve
@@ -250,14 +253,11 @@ def collect(paths: list[str | Path], baseline: str | None = None) -> list[Table]
     groups: dict[str, Group] = {}
     for run in find_runs(paths):
         s, curve = _load(run)
-        data = s.get("data")
-        params = s.get("method_params") or {}
-        key = json.dumps([data, s["method"], s["student"], s.get("teacher"), params, s.get("epochs"), s.get("label")],
-                         sort_keys=True)
+        data, params, label = s.get("data"), s.get("method_params") or {}, s.get("label") or None
+        key = json.dumps([data, s["method"], s["student"], s.get("teacher"), params, s.get("epochs"), label], sort_keys=True)
         g = groups.get(key)
         if g is None:
-            g = groups[key] = Group("", s["method"], s["student"], s.get("teacher"), params, s.get("epochs"),
-                                    s.get("label") or None, data)
+            g = groups[key] = Group("", s["method"], s["student"], s.get("teacher"), params, s.get("epochs"), label, data)
         g.runs.append({**s, "dir": str(run)})
         g.curves.append(curve)
     order = {m: i for i, m in enumerate(METHOD_ORDER)}
