@@ -229,12 +229,15 @@ def _sweep_parser(p: argparse.ArgumentParser) -> None:
     start.add_argument("--overwrite", action="store_true", help="delete the seeds' existing checkpoints and start again")
 
 
-@command("report", "aggregate finished runs into a table and figures")
+@command("report", "compare finished runs: one table per dataset (mean ± std, paired Δ over seeds), figures")
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import write_report
+    from .report import ReportError, write_report
 
-    print(write_report(args.run_dirs, args.out, title=args.title))
-    print(f"report: {Path(args.out) / 'report.md'}")
+    try:
+        print(write_report(args.run_dirs, args.out, title=args.title, baseline=args.baseline))
+    except ReportError as e:
+        return _bad_input(str(e))
+    print(f"report: {Path(args.out) / 'report.md'} (report.json, accuracy.png, curves.png)")
     return 0
 
 
@@ -242,6 +245,9 @@ def _report_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dirs", nargs="+", help="run directories, or folders that contain them")
     p.add_argument("--out", default="report", help="output directory (default report)")
     p.add_argument("--title", default="nkd report")
+    p.add_argument("--baseline", metavar="TEXT",
+                   help="reference row of the paired differences: a row name or label, or a substring matching exactly "
+                        "one row per table (default: each table's first row)")
 
 
 PARSERS = {"train": _train_parser, "eval": _eval_parser, "export": _export_parser, "demo": _demo_parser,
