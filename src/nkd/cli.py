@@ -84,7 +84,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from .config import load_config
-    from .data.build import build_loaders
+    from .data.build import build_eval_loader
     from .engine.trainer import evaluate_model
     from .models import create_model, load_weights
 
@@ -101,7 +101,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         load_weights(model, path)
     model.to(device)
-    result = evaluate_model(model, build_loaders(cfg, device).eval, device)
+    result = evaluate_model(model, build_eval_loader(cfg, device), device)
     print(json.dumps({"checkpoint": str(path), **result}))
     return 0
 
