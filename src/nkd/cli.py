@@ -85,7 +85,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from .config import load_config
-    from .data.build import build_loaders
+    from .data.build import build_eval_loader
     from .engine.trainer import evaluate_model
     from .models import create_model, load_weights
 
@@ -100,7 +100,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except ValueError as e:
         return _bad_input(f"--checkpoint: {e}")
     model.to(device)
-    result = evaluate_model(model, build_loaders(cfg, device).eval, device)
+    result = evaluate_model(model, build_eval_loader(cfg, device), device)
     print(json.dumps({"checkpoint": str(path), **result}))
     return 0
 

@@ -7,7 +7,9 @@
   process with the global batch.
 * :func:`folder_loader` — ImageNet-style ``train/``/``val/`` folders through torchvision's
   ``ImageFolder`` and a ``DataLoader`` with workers (RandomResizedCrop + flip for training,
-  resize + center crop for evaluation), sharded with ``DistributedSampler``.
+  resize + center crop for evaluation), sharded with ``DistributedSampler``. Memory is pinned
+  only for a CUDA device (``pin_memory=None`` = when CUDA is available): a CPU run gets no
+  pin-memory warning.
 """
 
 from __future__ import annotations
@@ -93,13 +95,16 @@ class DeviceLoader:
 
 def folder_loader(root: str, batch_size: int, *, train: bool, image_size: int = 224, num_workers: int = 4,
                   rank: int = 0, world_size: int = 1, seed: int = 0, mean=(0.485, 0.456, 0.406),
-                  std=(0.229, 0.224, 0.225), pin_memory: bool = True, randaugment: bool = False):
+                  std=(0.229, 0.224, 0.225), pin_memory: bool | None = None, randaugment: bool = False):
     """``DataLoader`` over ``torchvision.datasets.ImageFolder(root)`` with the standard ImageNet
-    transforms; returns ``(loader, train_sampler_or_None, classes)``. Call the sampler's
-    ``set_epoch(e)`` before each training epoch (``Loaders.set_epoch`` does)."""
+    transforms; returns ``(loader, train_sampler_or_None, classes)``. Classes are the non-hidden
+    sub-folders (:func:`~nkd.data.datasets.class_dirs`). ``pin_memory=None`` pins when CUDA is
+    available. Call the sampler's ``set_epoch(e)`` before each training epoch
+    (``Loaders.set_epoch`` does)."""
     from torch.utils.data import DataLoader, DistributedSampler
-    from torchvision import datasets
     from torchvision.transforms import v2
+
+    from ._folder import ImageFolder
 
     if train:
         tf = [v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()]
@@ -108,13 +113,16 @@ def folder_loader(root: str, batch_size: int, *, train: bool, image_size: int = 
     else:
         tf = [v2.Resize(int(round(image_size / 0.875)), antialias=True), v2.CenterCrop(image_size)]
     tf += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
-    ds = datasets.ImageFolder(root, transform=v2.Compose(tf))
+    ds = ImageFolder(root, transform=v2.Compose(tf))
     sampler = None
     if train:  # the order of epoch e is a function of (seed, e) on any number of processes: resumes replay it
         sampler = DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
     elif world_size > 1:  # every image exactly once over the ranks (DistributedSampler would pad with repeats)
         sampler = range(rank, len(ds), world_size)
     g = torch.Generator().manual_seed(seed)
+    if pin_memory is None:
+        pin_memory = torch.cuda.is_available()
     loader = DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
                         drop_last=train, generator=g, persistent_workers=num_workers > 0)
     return loader, (sampler if train else None), ds.classes
+
