@@ -26,7 +26,8 @@ _VALUE_CHECKS = [True]
 
 @contextmanager
 def value_checks(enabled: bool) -> Iterator[None]:
-    """Turn the *value* checks of label tensors (range, soft rows summing to 1) on or off.
+    """Turn the *value* checks of label tensors (range, soft rows summing to 1) on (``enabled=True``)
+    or off (``enabled=False``) inside a ``with`` block; the previous state returns on exit.
 
     Shape/dtype/parameter checks always run. Value checks read tensor contents, which on a GPU
     forces a host-device synchronization per call; a training loop that has validated its data

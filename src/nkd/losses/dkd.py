@@ -12,10 +12,17 @@ At temperature λ, with ``S = softmax(z/λ)``, ``T = softmax(u/λ)`` and target 
 
     \mathrm{DKD} = \alpha\,\mathrm{TCKD} + \beta\,\mathrm{NCKD}
 
-The objective is ``CE + min(epoch/warmup, 1)·DKD`` (the warm-up lives in the training method).
+The objective is ``CE + min((e+1)/warmup, 1)·DKD`` with ``e`` the 0-based epoch (mdistiller's
+``min(epoch/warmup, 1)`` with 1-based epochs; the warm-up lives in the training method).
 All probabilities are computed in log space (``1 - S_t = e^{\mathrm{LSE}_{j≠t} - \mathrm{LSE}}``),
 so logits of any range and a teacher with probability 1 on the target stay finite. Soft labels
 use ``t = argmax``. The teacher is treated as constant.
+
+Defaults ``alpha=1, beta=8, temperature=4`` are mdistiller's CIFAR-100 default (CRD pairs);
+β is 6 for vgg13→vgg8, vgg13→mobilenetv2, wrn_40_2→wrn_16_2, wrn_40_2→wrn_40_1 and 2 for
+resnet56→resnet20, resnet110→resnet32; ImageNet: λ=1, β=0.5 (ResNet34→ResNet18) or β=2
+(ResNet50→MobileNetV1), warm-up 1 epoch. Both terms are KL divergences (floor 0). Sources and
+published numbers: docs/methods.md, section DKD.
 """
 
 from __future__ import annotations
@@ -57,13 +64,32 @@ def dkd_loss(
     reduction: str = "mean",
     ignore_index: int = -100,
 ) -> Tensor:
-    """``α·TCKD + β·NCKD`` (module docstring), without CE and without the warm-up factor.
+    """Decoupled KD ``α·TCKD + β·NCKD`` per row, then ``reduction`` (no CE, no warm-up factor).
+
+    With ``S = softmax(z/λ)``, ``T = softmax(u/λ)`` (teacher detached) and target ``t``::
+
+        TCKD = λ² · KL((T_t, 1 − T_t) ‖ (S_t, 1 − S_t))          (binary: target vs rest)
+        NCKD = λ² · KL(T̂ ‖ Ŝ),  Ŝ_i = exp(z_i/λ) / Σ_{j≠t} exp(z_j/λ)  (i ≠ t; T̂ likewise)
+        DKD  = α · TCKD + β · NCKD
+
+    Training objective (method ``dkd``): ``ce_weight·CE + min((e+1)/warmup_epochs, 1)·DKD``
+    (``e`` the 0-based epoch; defaults ce_weight=1, warmup_epochs=20).
 
     Args:
-        student_logits, teacher_logits: ``[..., C]`` of equal shape, ``C >= 2``.
-        target: int64 labels ``[...]`` or soft labels ``[..., C]`` (argmax used).
-        alpha, beta: weights (≥ 0); temperature: λ > 0.
-        reduction: ``"mean"`` over non-ignored rows, ``"sum"`` or ``"none"``.
+        student_logits: ``[..., C]`` floating logits, ``C >= 2``.
+        teacher_logits: same shape as ``student_logits``; detached (treated as a constant).
+        target: int64 labels ``[...]`` (values in ``[0, C)`` or ``ignore_index``) or soft labels
+            ``[..., C]`` (``t = argmax`` of the row).
+        alpha: α ≥ 0, TCKD weight (default 1.0; 1 in every published setting).
+        beta: β ≥ 0, NCKD weight. Default 8.0 = the CIFAR-100 default of mdistiller (6 or 2 for
+            some CRD pairs); ImageNet: 0.5 (ResNet34→ResNet18) or 2.0 (ResNet50→MobileNetV1).
+        temperature: λ, a finite number > 0. Default 4.0 = CIFAR-100; ImageNet: 1.
+        reduction: ``"mean"`` (default; over non-ignored rows, 0 if none), ``"sum"`` or
+            ``"none"`` (per-row values, shape ``[...]``).
+        ignore_index: hard-label value whose rows are left out of the loss and the mean (default -100).
+
+    Returns:
+        The loss, float32 (float64 for float64 input); floor 0.
     """
     check_pair(student_logits, teacher_logits)
     check_nonnegative("alpha", alpha)
@@ -86,7 +112,15 @@ def dkd_loss(
 
 
 class DKDLoss(nn.Module):
-    """Module form of :func:`dkd_loss`; ``forward(student_logits, teacher_logits, target)``."""
+    """Module form of :func:`dkd_loss`: ``α·TCKD + β·NCKD`` at temperature λ (no warm-up factor).
+
+    Args:
+        alpha: α ≥ 0 (default 1.0).
+        beta: β ≥ 0 (default 8.0 = CIFAR-100 default; ImageNet: 0.5 or 2.0).
+        temperature: λ > 0 (default 4.0 = CIFAR-100; ImageNet: 1).
+        reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``.
+        ignore_index: hard-label value whose rows are left out (default -100).
+    """
 
     def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0,
                  reduction: str = "mean", ignore_index: int = -100):
@@ -99,6 +133,16 @@ class DKDLoss(nn.Module):
         self.reduction, self.ignore_index = reduction, ignore_index
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor) -> Tensor:
+        """DKD of the student to the (frozen) teacher, without CE and without the warm-up ramp.
+
+        Args:
+            student_logits: ``[..., C]`` floating logits.
+            teacher_logits: ``[..., C]``, same shape; detached.
+            target: int64 labels ``[...]`` or soft labels ``[..., C]``.
+
+        Returns:
+            A scalar (``"mean"``/``"sum"``) or per-row values ``[...]`` (``"none"``).
+        """
         return dkd_loss(student_logits, teacher_logits, target, alpha=self.alpha, beta=self.beta,
                         temperature=self.temperature, reduction=self.reduction, ignore_index=self.ignore_index)
 

@@ -5,10 +5,15 @@ r"""Classic knowledge distillation (Hinton et al., 2015).
     \mathrm{KD} = \lambda^2 \sum_i T^\lambda_i \,(\log T^\lambda_i - \log S^\lambda_i),
     \qquad S^\lambda = \mathrm{softmax}(z/\lambda),\; T^\lambda = \mathrm{softmax}(u/\lambda)
 
-per sample (KL summed over classes), then reduced over samples. The objective is
-``w_ce·CE + w_kd·KD`` (CRD/mdistiller CIFAR: λ=4, w_ce=0.1, w_kd=0.9). The teacher's logits are
-treated as constants. Computed in log space (``log_target``), so a teacher with probability 1
-on one class gives finite values.
+per sample (KL summed over classes), then reduced over samples; ``∂KD/∂z = λ(S^λ − T^λ)``. The
+objective is ``w_ce·CE + w_kd·KD`` (CRD/mdistiller CIFAR-100: λ=4, w_ce=0.1, w_kd=0.9; official
+cls_KD: λ=3 on CIFAR-100 and λ=1 on ImageNet, w_ce=w_kd=0.5). The teacher's logits are treated
+as constants. Computed in log space, so a teacher with probability 1 on one class gives finite
+values.
+
+Scale: a KL divergence, so the floor is 0; the ``λ²`` factor multiplies its size (16 at λ=4).
+Codes that use the cross-entropy form ``−λ²Σ T^λ log S^λ`` (e.g. cls_KD) log an extra constant
+``λ²·H(T^λ)`` with the same gradient. Sources and published numbers: docs/methods.md, section KD.
 """
 
 from __future__ import annotations
@@ -50,15 +55,21 @@ def kd_loss(
 
     KD does not use the label; ``target`` is optional and only marks rows to leave out (hard
     labels equal to ``ignore_index``, e.g. padding tokens): those rows are 0 and do not count in
-    the mean. Soft labels ``[..., C]`` are accepted and leave every row in.
+    the mean. Soft labels ``[..., C]`` are accepted and leave every row in. Training objective
+    (method ``kd``): ``ce_weight·CE + kd_weight·KD`` (defaults 0.1 and 0.9).
 
     Args:
-        student_logits, teacher_logits: ``[..., C]`` of equal shape; the teacher is detached
-            (treated as a constant).
-        target: optional int64 labels ``[...]`` or soft labels ``[..., C]``.
-        temperature: λ, a finite number > 0 (published: 4 on CIFAR, 1 on ImageNet).
-        reduction: ``"mean"`` over non-ignored rows, ``"sum"`` or ``"none"`` (shape ``[...]``).
-        ignore_index: hard-label value whose rows are left out (only with ``target``).
+        student_logits: ``[..., C]`` floating logits, ``C >= 2``.
+        teacher_logits: same shape as ``student_logits``; detached (treated as a constant).
+        target: optional (default ``None``) int64 labels ``[...]`` or soft labels ``[..., C]``.
+        temperature: λ, a finite number > 0. Default 4.0 = the CIFAR-100 CRD benchmark setting
+            (RepDistiller/mdistiller); official cls_KD: 3 on CIFAR-100, 1 on ImageNet.
+        reduction: ``"mean"`` (default; over non-ignored rows, 0 if none), ``"sum"`` or
+            ``"none"`` (per-row values, shape ``[...]``).
+        ignore_index: hard-label value whose rows are left out (only with ``target``; default -100).
+
+    Returns:
+        ``λ²·KL`` reduced as asked, float32 (float64 for float64 input); floor 0.
     """
     check_pair(student_logits, teacher_logits)
     check_positive("temperature", temperature)
@@ -78,7 +89,14 @@ def kd_loss(
 
 
 class KDLoss(nn.Module):
-    """Module form of :func:`kd_loss`; ``forward(student_logits, teacher_logits, target=None)``."""
+    """Module form of :func:`kd_loss`: ``λ²·KL(softmax(u/λ) ‖ softmax(z/λ))`` per row.
+
+    Args:
+        temperature: λ > 0 (default 4.0 = CIFAR-100 CRD benchmark; cls_KD: 3 on CIFAR-100,
+            1 on ImageNet).
+        reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``.
+        ignore_index: hard-label value whose rows are left out when a target is given (default -100).
+    """
 
     def __init__(self, temperature: float = 4.0, reduction: str = "mean", ignore_index: int = -100):
         super().__init__()
@@ -88,7 +106,17 @@ class KDLoss(nn.Module):
         self.temperature, self.reduction, self.ignore_index = float(temperature), reduction, ignore_index
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None = None) -> Tensor:
-        """KD of ``student_logits`` to ``teacher_logits`` ``[..., C]``; ``target`` only marks ignored rows."""
+        """KD of the student to the (frozen) teacher.
+
+        Args:
+            student_logits: ``[..., C]`` floating logits.
+            teacher_logits: ``[..., C]``, same shape; detached.
+            target: optional int64 labels ``[...]`` (or soft ``[..., C]``); only marks rows equal
+                to ``ignore_index`` to leave out.
+
+        Returns:
+            A scalar (``"mean"``/``"sum"``) or per-row values ``[...]`` (``"none"``).
+        """
         return kd_loss(student_logits, teacher_logits, target, temperature=self.temperature,
                        reduction=self.reduction, ignore_index=self.ignore_index)
 

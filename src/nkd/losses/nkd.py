@@ -30,6 +30,16 @@ Implementation: one fused pass computes the per-row loss and its analytic gradie
 
 so the backward pass is a single scale, with three ``[N, C]`` buffers instead of the autograd
 graph of the naive formulation.
+
+Scale: ``L_non`` is a cross-entropy over ``C − 1`` classes, so its minimum over the student is
+``γλ²·H(T̂)`` (the teacher's non-target entropy), at most ``γλ²·ln(C − 1)`` — not 0. With C = 10,
+λ = 3, γ = 3.5 (γλ² = 31.5) that bound is 69.2; λ = 3 flattens ``T̂`` towards uniform, so
+logged values in the high 60s are a student near its optimum, not a divergence.
+
+Defaults ``temperature=1, gamma=1.5`` are the published ImageNet setting (ResNet34→ResNet18,
+ResNet50→MobileNetV1); DeiT pairs use ``gamma=1.0``; the official CIFAR-100 setting is
+``temperature=3, gamma=3.5``. Sources, history (the 2023 mask bug of a released version) and
+published numbers: docs/methods.md, section NKD.
 """
 
 from __future__ import annotations
@@ -96,19 +106,40 @@ def nkd_loss(
     reduction: str = "mean",
     ignore_index: int = -100,
 ) -> Tensor:
-    """NKD loss ``L_t + L_non`` (see module docstring for the formula).
+    """Normalized KD loss ``L_t + L_non`` per row, then ``reduction`` (the CE term is not included).
+
+    Per row with target ``t``, student logits ``z`` and teacher logits ``u``::
+
+        S = softmax(z),  T = softmax(u)                          (temperature 1)
+        L_t   = − T_t · log S_t                                  (T_t: a constant, no gradient)
+        Ŝ_i = exp(z_i/λ) / Σ_{j≠t} exp(z_j/λ),  T̂_i likewise from u,  for i ≠ t
+        L_non = − γ · λ² · Σ_{i≠t} T̂_i · log Ŝ_i                 (cross-entropy over C − 1 classes)
+        NKD   = L_t + L_non;    ∂NKD/∂z = T_t (S − e_t) + γλ (Ŝ − T̂)
+
+    Training objective (method ``nkd``): ``ce_weight · CE(z, y) + NKD`` with ``ce_weight = 1``.
+    The minimum of ``L_non`` over the student is ``γλ²·H(T̂)`` ≤ ``γλ²·ln(C − 1)``, not 0 (C = 10,
+    λ = 3, γ = 3.5: up to 69.2), so large logged values are expected when ``γλ²`` is large.
 
     Args:
         student_logits: ``[..., C]`` floating logits, ``C >= 2``.
-        teacher_logits: same shape as ``student_logits``; treated as constants.
-        target: int64 labels ``[...]`` (``ignore_index`` allowed) or soft labels ``[..., C]``.
-        temperature: λ > 0, applied to the non-target term only.
-        gamma: γ ≥ 0, weight of the non-target term.
-        reduction: ``"mean"`` over non-ignored rows, ``"sum"`` or ``"none"`` (shape ``[...]``).
-        ignore_index: hard-label value whose rows are left out.
+        teacher_logits: same shape as ``student_logits``; treated as constants (detached).
+        target: int64 labels ``[...]`` with values in ``[0, C)`` or ``ignore_index``, or soft
+            labels ``[..., C]`` (rows ≥ 0 summing to 1; ``t = argmax`` of the row, first index on
+            ties, the second mixed class stays a non-target).
+        temperature: λ, a finite number > 0, applied to the non-target term only. Default 1.0 =
+            the published ImageNet setting (also the DeiT pairs); the official CIFAR-100 setting
+            (ResNet34→ResNet18) is ``temperature=3``.
+        gamma: γ, a finite number ≥ 0, weight of the non-target term. Default 1.5 = the published
+            ImageNet setting for ResNet34→ResNet18 and ResNet50→MobileNetV1; DeiT pairs use
+            ``gamma=1.0``; the official CIFAR-100 setting is ``gamma=3.5``.
+        reduction: ``"mean"`` (default; over non-ignored rows, 0 if none), ``"sum"`` or
+            ``"none"`` (per-row values, shape ``[...]``, 0 on ignored rows).
+        ignore_index: hard-label value whose rows are left out of the loss and of the mean
+            (default -100).
 
     Returns:
-        The loss, float32 (float64 for float64 input), without the cross-entropy term.
+        The loss, float32 (float64 for float64 input): a scalar, or ``[...]`` for
+        ``reduction="none"``. Sources and published numbers: docs/methods.md, section NKD.
     """
     check_pair(student_logits, teacher_logits)
     check_positive("temperature", temperature)
@@ -127,7 +158,19 @@ def nkd_loss(
 
 
 class NKDLoss(nn.Module):
-    """Module form of :func:`nkd_loss`; ``forward(student_logits, teacher_logits, target)``."""
+    """Module form of :func:`nkd_loss`: ``NKD = L_t + L_non`` with fixed hyper-parameters.
+
+    ``L_t = −T_t·log S_t`` (teacher probability detached) and
+    ``L_non = −γλ²·Σ_{i≠t} T̂_i·log Ŝ_i`` over the non-target classes renormalized at
+    temperature λ (formulas in :func:`nkd_loss`). No parameters are learned.
+
+    Args:
+        temperature: λ > 0 (default 1.0 = ImageNet; official CIFAR-100: 3).
+        gamma: γ ≥ 0 (default 1.5 = ImageNet ResNet pairs; DeiT pairs: 1.0; official
+            CIFAR-100: 3.5).
+        reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``.
+        ignore_index: hard-label value whose rows are left out (default -100).
+    """
 
     def __init__(self, temperature: float = 1.0, gamma: float = 1.5, reduction: str = "mean", ignore_index: int = -100):
         super().__init__()
@@ -138,6 +181,16 @@ class NKDLoss(nn.Module):
         self.reduction, self.ignore_index = reduction, ignore_index
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor) -> Tensor:
+        """NKD of the student to the (frozen) teacher, without the CE term.
+
+        Args:
+            student_logits: ``[..., C]`` floating logits.
+            teacher_logits: ``[..., C]``, same shape; detached.
+            target: int64 labels ``[...]`` or soft labels ``[..., C]``.
+
+        Returns:
+            A scalar (``"mean"``/``"sum"``) or per-row values ``[...]`` (``"none"``).
+        """
         return nkd_loss(
             student_logits,
             teacher_logits,

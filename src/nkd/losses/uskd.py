@@ -33,6 +33,16 @@ The training objective adds ``CE(z, y)``. The batch mean couples the rows of a b
 Gradients are computed analytically in one fused pass:
 ``∂/∂z = α(Σ_k p_k s − Σ_k p_k e_{t_k}) + β(ŝ' − ẑ)`` (``ŝ'`` the non-target softmax, zero on
 targets) and ``∂/∂w = μ(softmax(w) − q)``.
+
+Under DDP the batch mean is taken per process (over the local batch), as in the official code.
+A soft-label row whose second-largest entry is not above its minimum (one-hot, or label
+smoothing without mixing) has no second target; the official code then picks an arbitrary tied
+column, ours uses ``K = 1`` so the loss is well defined.
+
+Defaults ``alpha=1, beta=0.1, mu=0.005`` are the published ImageNet setting (every model); the
+CIFAR-100 setting (ResNet18) is ``alpha=0.1, beta=0.1, mu=0.1``. ``rank="paper"`` is the paper's
+formula and first release (March 2023); ``rank="official"`` the current official code (since
+July 2023). Sources, weak-head placement and published numbers: docs/methods.md, section USKD.
 """
 
 from __future__ import annotations
@@ -68,10 +78,17 @@ def _check_params(alpha: float, beta: float, mu: float, rank: str, reduction: st
 
 
 def uskd_targets(index: Tensor, soft: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    """Targets ``[M, 2]``, weights ``v`` ``[M, 2]`` and the has-second-target mask ``[M]``.
+    """USKD targets ``[M, 2]``, their weights ``v`` ``[M, 2]`` and the has-second-target mask ``[M]``.
 
-    For rows with a single target, column 2 repeats ``t_1`` with weight 0 so gathers and
-    scatters stay valid.
+    Args:
+        index: ``[M]`` int64 class per row (the hard label, or ``argmax`` of the soft row with the
+            first index on ties).
+        soft: ``[M, C]`` soft label rows, or ``None`` for hard labels.
+
+    Hard labels: ``t_1 = index``, ``v_1 = 1``, no second target. Soft labels: ``t_1 = index``,
+    ``v_1 = soft[t_1]``; ``t_2`` = argmax of the rest with ``v_2 = soft[t_2]`` if ``v_2 > min(row)``,
+    otherwise no second target. For rows with a single target, column 2 repeats ``t_1`` with
+    weight 0 so gathers and scatters stay valid.
     """
     if soft is None:
         idx = torch.stack([index, index], dim=1)
@@ -162,20 +179,41 @@ def uskd_loss(
     reduction: str = "mean",
     ignore_index: int = -100,
 ) -> Tensor:
-    """USKD loss ``α·L_t + β·L_non + L_weak`` (module docstring has the formulas).
+    """USKD loss ``α·L_t + β·L_non + L_weak`` per row, then ``reduction`` (CE not included).
+
+    With ``s = softmax(z)`` for the final logits ``z``, weak logits ``w``, targets ``t_k`` with
+    weights ``v_k`` (``k ≤ K``, K = 1 for hard labels, up to 2 for soft labels)::
+
+        p_k   = sg(s_{t_k}² + v_k − mean_batch(s_{t_k}²))     (0 where a row has no k-th target)
+        L_t   = − Σ_k p_k · log s_{t_k}
+        q     = 0.9·y + 0.1/C;   L_weak = − μ · Σ_i q_i · log softmax(w)_i
+        r_i   = w̃_i / (1 − Σ_k w̃_{t_k} + 1e-6) + ŝ_i / (1 − Σ_k ŝ_{t_k} + 1e-6),   w̃ = softmax(w)
+        ẑ     = sg(Zipf label: class at rank j (0-based, by r, descending) gets 1/(j+1);
+                   target columns dropped; renormalized over the non-targets)
+        L_non = − Σ_{i∉targets} ẑ_i · log softmax_{j∉targets}(z)_i
+        USKD  = α·L_t + β·L_non + L_weak
+
+    ``ŝ = softmax(z)`` for ``rank="paper"``, ``log_softmax(z)`` for ``rank="official"``. The batch
+    mean couples the rows passed in one call (under DDP: per process). Training objective
+    (method ``uskd``): ``ce_weight·CE(z, y) + USKD`` with ``ce_weight = 1``.
 
     Args:
-        logits: final student logits ``[..., C]``; ``C >= 2`` (``C >= 3`` for soft labels).
-        weak_logits: weak-head logits, same shape as ``logits``.
-        target: int64 labels ``[...]`` (``ignore_index`` allowed) or soft labels ``[..., C]``.
-        alpha, beta, mu: term weights (≥ 0).
-        rank: ``"paper"`` (softmax in the rank score, the paper and its first release) or
-            ``"official"`` (log-softmax, the current official code).
-        reduction: ``"mean"`` over non-ignored rows, ``"sum"`` or ``"none"``.
-        ignore_index: hard-label value whose rows are left out of the loss and the batch mean.
+        logits: final student logits ``z`` ``[..., C]``; ``C >= 2`` (``C >= 3`` for soft labels).
+        weak_logits: weak-head logits ``w``, same shape as ``logits``; gradients reach them.
+        target: int64 labels ``[...]`` (values in ``[0, C)`` or ``ignore_index``) or soft labels
+            ``[..., C]`` (the two largest entries are the targets).
+        alpha: α ≥ 0, weight of ``L_t``. Default 1.0 = ImageNet; CIFAR-100: 0.1.
+        beta: β ≥ 0, weight of ``L_non``. Default 0.1 (ImageNet and CIFAR-100).
+        mu: μ ≥ 0, weight of ``L_weak``. Default 0.005 = ImageNet; CIFAR-100: 0.1.
+        rank: ``"paper"`` (default; softmax in the rank score — the paper and its first release)
+            or ``"official"`` (log-softmax — the current official code).
+        reduction: ``"mean"`` (default; over non-ignored rows, 0 if none), ``"sum"`` or
+            ``"none"`` (per-row values, shape ``[...]``).
+        ignore_index: hard-label value whose rows are left out of the loss and of the batch mean
+            (default -100).
 
     Returns:
-        The loss (without the cross-entropy term) in float32 (float64 for float64 input).
+        The loss in float32 (float64 for float64 input): a scalar, or ``[...]`` for ``"none"``.
     """
     check_logits("logits", logits)
     check_logits("weak_logits", weak_logits)
@@ -209,12 +247,28 @@ def uskd_loss(
 
 
 class USKDLoss(nn.Module):
-    """USKD with its weak head: ``forward(features, logits, target)``.
+    """USKD with its own weak head: ``USKD = α·L_t + β·L_non + L_weak`` (formulas in :func:`uskd_loss`).
 
-    Owns ``self.head = nn.Linear(in_features, num_classes)`` applied to the pooled intermediate
-    feature ``features`` ``[..., in_features]`` (SPEC: the stage before the last, or the ViT class
-    token after block L/2). Gradients of ``L_weak`` reach the head and, through ``features``,
-    the backbone.
+    Owns ``self.head = nn.Linear(in_features, num_classes)``, the weak head, applied to the pooled
+    intermediate feature ``features`` ``[..., in_features]``: for CNNs the global-average-pooled
+    output of the stage before the last, for ViTs the class token after block L/2 (what an nkd
+    model returns as ``features["weak"]``). The head's weak logits feed ``L_weak`` and the rank
+    score of the Zipf non-target labels. Gradients of ``L_weak`` reach the head and, through
+    ``features``, the backbone. Put ``self.parameters()`` in the optimizer with the model's.
+
+    Args:
+        in_features: width of ``features``, an int ≥ 1 — ``model.weak_channels`` of an nkd model
+            (e.g. 256 for ResNet18/34, 1024 for ResNet50/101, 320 for MobileNetV2, 192 for DeiT-T).
+        num_classes: C, an int ≥ 2 (≥ 3 for soft labels); the head's output size, equal to the
+            logits' last dimension.
+        alpha: α ≥ 0, weight of the target term ``L_t``. Default 1.0 = ImageNet; CIFAR-100: 0.1.
+        beta: β ≥ 0, weight of the Zipf non-target term ``L_non``. Default 0.1 (both settings).
+        mu: μ ≥ 0, weight of the weak-head term ``L_weak``. Default 0.005 = ImageNet; CIFAR-100: 0.1.
+        rank: ``"paper"`` (default; the paper and its first release) or ``"official"`` (the
+            current official code: log-probabilities in the rank score).
+        reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``.
+        ignore_index: hard-label value whose rows are left out of the loss and of the batch mean
+            (default -100).
     """
 
     def __init__(
@@ -239,6 +293,18 @@ class USKDLoss(nn.Module):
         self.rank, self.reduction, self.ignore_index = rank, reduction, ignore_index
 
     def forward(self, features: Tensor, logits: Tensor, target: Tensor) -> Tensor:
+        """USKD of one batch, without the CE term.
+
+        Args:
+            features: ``[..., in_features]`` pooled intermediate features (``feats["weak"]``
+                of ``model(x, return_features=True)``); the weak head is applied to them.
+            logits: ``[..., num_classes]`` final logits of the same model.
+            target: int64 labels ``[...]`` or soft labels ``[..., num_classes]``.
+
+        Returns:
+            A scalar (``"mean"``/``"sum"``) or per-row values ``[...]`` (``"none"``). The batch
+            mean in ``p_k`` is over the rows of this call.
+        """
         if features.shape[-1] != self.head.in_features:
             raise ValueError(
                 f"features must have {self.head.in_features} channels in the last dimension, got shape {tuple(features.shape)}"
