@@ -50,7 +50,7 @@ def test_spec_values_are_in_the_configs():
     assert _load("cifar100/dkd/resnet32x4_resnet8x4.yaml").method.params["beta"] == 8.0
     o = _load("cifar100/official/nkd_resnet34_resnet18.yaml")
     assert (o.optim.lr, o.schedule.milestones, o.schedule.gamma, o.data.batch_size) == (0.1, [60, 120, 160], 0.2, 128)
-    assert o.method.params == {"temperature": 3.0, "gamma": 3.5}
+    assert o.method.params == {"temperature": 3.0, "gamma": 3.5, "ce_weight": 1.0}
     u = _load("cifar100/official/uskd_resnet18.yaml").method.params
     assert (u["alpha"], u["beta"], u["mu"]) == (0.1, 0.1, 0.1)
     i = _load("imagenet/nkd/resnet34_resnet18.yaml")

@@ -92,7 +92,7 @@ def test_every_method_trains_end_to_end(method, tmp_path):
 
 def test_trains_on_a_cifar_format_archive(tmp_path):
     make_cifar(tmp_path / "cifar", "cifar10", n_train=40, n_test=20)
-    cfg = load_config(run_config(tmp_path, "nkd", data={"name": "cifar10", "root": str(tmp_path / "cifar"),
+    cfg = load_config(run_config(tmp_path, "nkd", data={"name": "cifar10", "root": str(tmp_path / "cifar"), "image_size": None,
                                                         "verify_checksums": False, "batch_size": 8},
                                  schedule={"name": "cosine", "epochs": 1, "warmup_epochs": 0.5}))
     summary = Trainer(cfg).fit()

@@ -54,8 +54,13 @@ class DataConfig:
                                               "whatever the GPU count)")
     eval_batch_size: int = opt(256, "evaluation batch size per process")
     num_workers: int = opt(4, "loader worker processes (`imagenet_folder` only)")
-    image_size: int = opt(32, "image side in pixels: the crop size of `imagenet_folder`, the size "
-                              "`image_folder_small` images are resized to, the side of `synthetic` images")
+    image_size: int | None = opt(None, "image side in pixels. `image_folder_small`: every image is resized to "
+                                       "image_size×image_size when decoded (Pillow bilinear, antialiased; aspect not "
+                                       "kept; null: keep the images' own size, which must then be equal), then "
+                                       "random-cropped with `crop_padding` and flipped; `imagenet_folder`: the "
+                                       "RandomResizedCrop / centre-crop size (null: 224); `synthetic`: the side "
+                                       "(null: 32). CIFAR (32) and digits (8) are not resized: setting another size "
+                                       "there is an error")
     crop_padding: int = opt(4, "random-crop zero padding in pixels (small-image datasets; 0 disables the crop)")
     flip: bool = opt(True, "random horizontal flip (small-image datasets)")
     train_subset: int | None = opt(None, "train on a random subset of this many training images "
@@ -72,9 +77,11 @@ class DataConfig:
     synthetic_samples: int = opt(512, "`synthetic`: number of training images (test split: a quarter)")
     synthetic_classes: int = opt(10, "`synthetic`: number of classes")
     synthetic_seed: int = opt(0, "`synthetic`: seed of the class patterns and samples")
-    mean: list[float] | None = opt(None, "per-channel normalization mean (default: the dataset's known "
-                                         "statistics; image folders: computed from the training split)")
-    std: list[float] | None = opt(None, "per-channel normalization std (default as for `mean`)")
+    mean: list[float] | None = opt(None, "per-channel RGB mean on the 0–1 scale, x ↦ (x/255 − mean)/std (null: "
+                                         "the known statistics of CIFAR-10/100, ImageNet, digits and synthetic; "
+                                         "`image_folder_small` computes it from its decoded training split, cached "
+                                         "with the decode and logged)")
+    std: list[float] | None = opt(None, "per-channel RGB std, 3 positive values (null: as for `mean`)")
 
 
 @dataclass
@@ -230,7 +237,11 @@ def check_ranges(cfg: Config, problems: list[str]) -> None:
     need(d.global_batch_size is None or d.global_batch_size >= 1,
          f"data.global_batch_size: must be >= 1 or null, got {d.global_batch_size}")
     need(d.eval_batch_size >= 1, f"data.eval_batch_size: must be >= 1, got {d.eval_batch_size}")
-    need(d.image_size >= 1, f"data.image_size: must be >= 1, got {d.image_size}")
+    need(d.image_size is None or d.image_size >= 1, f"data.image_size: must be >= 1 or null, got {d.image_size}")
+    native = {"cifar10": 32, "cifar100": 32, "digits": 8}.get(d.name)
+    need(native is None or d.image_size in (None, native),
+         f"data.image_size: {d.name} images are {native}×{native} and are not resized; remove data.image_size "
+         f"(got {d.image_size})")
     need(d.train_subset is None or d.train_subset >= 1, f"data.train_subset: must be >= 1 or null, got {d.train_subset}")
     need(d.num_workers >= 0, f"data.num_workers: must be >= 0, got {d.num_workers}")
     need(d.mixup >= 0 and d.cutmix >= 0, "data.mixup / data.cutmix: must be >= 0")
@@ -258,11 +269,14 @@ def check_ranges(cfg: Config, problems: list[str]) -> None:
 
 
 def check_classes(cfg: Config, problems: list[str]) -> None:
-    """``model.num_classes`` against the dataset's class count, where it is known without decoding."""
+    """``model.num_classes`` against the dataset's class count, known without decoding (image
+    folders: their class sub-folders are counted)."""
+    from .data.build import dataset_num_classes
+
     d = cfg.data
-    known = {"cifar100": 100, "cifar10": 10, "digits": 10, "synthetic": d.synthetic_classes}.get(d.name)
+    known = dataset_num_classes(d)
     if known is not None and cfg.model.num_classes != known:
-        what = "data.synthetic_classes" if d.name == "synthetic" else d.name
+        what = {"synthetic": "data.synthetic_classes"}.get(d.name, f"{d.name} at {d.root}" if d.root else d.name)
         problems.append(f"model.num_classes: {cfg.model.num_classes} does not match the dataset's {known} classes "
                         f"({what})")
 

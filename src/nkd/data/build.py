@@ -53,6 +53,7 @@ DEFAULT_STATS = {  # (mean, std); image_folder_small: computed from its training
 }
 KNOWN_CLASSES = {"cifar100": 100, "cifar10": 10, "digits": 10}
 FOLDER_DATASETS = ("image_folder_small", "imagenet_folder")
+IMAGENET_SIZE = 224  # data.image_size default of imagenet_folder
 EVAL_DIRS = {"image_folder_small": ("test", "val"), "imagenet_folder": ("val", "test")}
 
 
@@ -142,7 +143,7 @@ def dataset_num_classes(d) -> int | None:
 # ----------------------------------------------------------------------------- in-memory arrays
 def _synthetic(d, train: bool) -> ArrayDataset:
     n = d.synthetic_samples if train else max(d.synthetic_samples // 4, 8)
-    return synthetic(n, num_classes=d.synthetic_classes, size=d.image_size, seed=d.synthetic_seed,
+    return synthetic(n, num_classes=d.synthetic_classes, size=d.image_size or 32, seed=d.synthetic_seed,
                      split="train" if train else "test")
 
 
@@ -236,7 +237,8 @@ def per_process_batch(d, world_size: int) -> int:
 
 def _folder_eval(cfg, device: torch.device, rank: int, world_size: int, mean, std):
     d = cfg.data
-    loader, _, _ = folder_loader(str(checked_eval_dir(d)), d.eval_batch_size, train=False, image_size=d.image_size,
+    loader, _, _ = folder_loader(str(checked_eval_dir(d)), d.eval_batch_size, train=False,
+                                 image_size=d.image_size or IMAGENET_SIZE,
                                  num_workers=d.num_workers, rank=rank, world_size=world_size, seed=cfg.seed, mean=mean,
                                  std=std, pin_memory=torch.device(device).type == "cuda")
     return loader
@@ -263,7 +265,8 @@ def build_loaders(cfg, device: torch.device, rank: int = 0, world_size: int = 1)
     batch = per_process_batch(d, world_size)
     if d.name == "imagenet_folder":
         mean, std = normalization(d)
-        train, sampler, classes = folder_loader(str(train_dir(d)), batch, train=True, image_size=d.image_size,
+        train, sampler, classes = folder_loader(str(train_dir(d)), batch, train=True,
+                                                image_size=d.image_size or IMAGENET_SIZE,
                                                 num_workers=d.num_workers, rank=rank, world_size=world_size,
                                                 seed=cfg.seed, mean=mean, std=std, randaugment=d.randaugment,
                                                 pin_memory=torch.device(device).type == "cuda")

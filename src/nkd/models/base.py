@@ -5,7 +5,7 @@
 
 * ``"stages"``: list of stage outputs ``[N, C_i, H_i, W_i]`` (stem first, last stage last),
 * ``"pooled"``: the pooled pre-logit feature ``[N, D]``,
-* ``"weak"``: the pooled feature USKD's weak head reads ``[N, model.weak_channels]`` (SPEC: the
+* ``"weak"``: the pooled feature USKD's weak head reads ``[N, model.weak_channels]`` (docs/methods.md: the
   stage before the last, global-average-pooled; for ViTs the class token after block L/2).
 """
 

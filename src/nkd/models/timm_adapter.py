@@ -1,6 +1,6 @@
 """``timm/<name>``: any timm model behind nkd's model interface.
 
-Features come from timm's ``forward_intermediates``. USKD's weak-head feature (SPEC):
+Features come from timm's ``forward_intermediates``. USKD's weak-head feature (docs/methods.md):
 
 * ViT / DeiT (models with ``blocks`` and a class token): the class token after block ``L/2``
   (block 6 of 12), before the final norm;

@@ -1,7 +1,7 @@
 """``tv/<name>``: torchvision classification models (for architectures timm lacks, e.g.
 ShuffleNetV2 on ImageNet). Stage outputs are captured with forward hooks on named modules.
 
-USKD's weak head (SPEC: the stage before the last) — ShuffleNetV2: ``stage4`` (464 channels for
+USKD's weak head (docs/methods.md: the stage before the last) — ShuffleNetV2: ``stage4`` (464 channels for
 x1.0; the last stage before the 1×1 ``conv5``, as in the official mmcls backbone).
 """
 
