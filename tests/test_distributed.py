@@ -1,8 +1,8 @@
 """DDP: 2 CPU processes (gloo) under torchrun equal one process with the same global batch.
 
-The student is a small ViT (LayerNorm only): batch-norm statistics are per process by design
-(``train.sync_bn`` needs CUDA), so a BN student cannot match a 1-process run bit for bit on CPU.
-The teacher is a CNN in eval mode (per-sample), as in real KD runs.
+The student is a small ViT (LayerNorm only) — or a BatchNorm CNN with ``train.sync_bn=true``
+(nkd's CPU SyncBatchNorm); without it, batch-norm statistics are per process and a BN student
+does not match a 1-process run. The teacher is a CNN in eval mode (per-sample), as in real KD runs.
 """
 
 from __future__ import annotations
@@ -94,3 +94,22 @@ def test_uskd_batch_mean_is_taken_per_process(tmp_path):
                               "train.max_steps_per_epoch=1"])).fit()
     one = weights(tmp_path / "one")
     assert any(not torch.allclose(one[k], ddp[k], atol=1e-7, rtol=0) for k in one if k.startswith("student."))
+
+
+@pytest.mark.parametrize("sync_bn", [True, False])
+def test_batchnorm_student_equals_one_process_only_with_sync_bn(tmp_path, sync_bn):
+    """resnet8 (BatchNorm): 2 processes with train.sync_bn=true give the 1-process weights (to float
+    rounding); without it the per-process statistics make them differ."""
+    cfg = write_config(tmp_path / "bn.yaml", model={"name": "resnet8", "num_classes": 10}, method={"name": "ce"},
+                       data={"image_size": 16, "synthetic_samples": 64, "batch_size": 8},
+                       schedule={"name": "constant", "epochs": 1}, optim={"lr": 0.05},
+                       train={"max_steps_per_epoch": 3, "progress": False, "tensorboard": False,
+                              "sync_bn": sync_bn})
+    torchrun(cfg, 2, f"output_dir={tmp_path / 'ddp'}")
+    Trainer(load_config(cfg, [f"output_dir={tmp_path / 'one'}", "data.batch_size=16"])).fit()
+    a, b = weights(tmp_path / "ddp"), weights(tmp_path / "one")
+    worst = max(float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].is_floating_point())
+    if sync_bn:
+        assert worst < 1e-4, worst
+    else:
+        assert worst > 1e-2, worst

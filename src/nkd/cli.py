@@ -96,7 +96,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     device = torch.device("cuda" if cfg.train.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     model = create_model(cfg.model.name, cfg.model.num_classes)
     try:
-        load_weights(model, _read_weights(path))
+        load_weights(model, _read_weights(path), source=str(path))
     except ValueError as e:
         return _bad_input(f"--checkpoint: {e}")
     model.to(device)
@@ -128,10 +128,12 @@ def _eval_parser(p: argparse.ArgumentParser) -> None:
 
 @command("export", "export the student of a run as safetensors")
 def cmd_export(args: argparse.Namespace) -> int:
+    import torch
     from safetensors.torch import save_file
 
     from .engine.checkpoint import load_checkpoint
-    from .models.checkpoint import extract_state_dict
+    from .models import create_model
+    from .models.checkpoint import describe_mismatch, extract_state_dict
 
     run = Path(args.run_dir)
     src = run / "checkpoints" / ("last.pt" if args.last else "best.pt")
@@ -142,6 +144,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         sd = {k: v.contiguous() for k, v in extract_state_dict(ck, str(src)).items()}
         meta = {"model": str(ck["model_name"]), "num_classes": str(ck["num_classes"]), "method": str(ck["method"]),
                 "epoch": str(int(ck["epoch"]) + 1)}
+        with torch.device("meta"):  # the weights must fit the model the checkpoint names
+            model = create_model(ck["model_name"], int(ck["num_classes"]))
+        problem = describe_mismatch(model, sd)
+        if problem:
+            raise ValueError(f"{src} does not fit {ck['model_name']}: {problem}")
     except (ValueError, KeyError, TypeError) as e:
         return _bad_input(f"{src}: not an nkd training checkpoint ({e})" if not isinstance(e, ValueError) else str(e))
     out = Path(args.out) if args.out else run / "student.safetensors"

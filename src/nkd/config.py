@@ -238,10 +238,6 @@ def check_ranges(cfg: Config, problems: list[str]) -> None:
          f"data.global_batch_size: must be >= 1 or null, got {d.global_batch_size}")
     need(d.eval_batch_size >= 1, f"data.eval_batch_size: must be >= 1, got {d.eval_batch_size}")
     need(d.image_size is None or d.image_size >= 1, f"data.image_size: must be >= 1 or null, got {d.image_size}")
-    native = {"cifar10": 32, "cifar100": 32, "digits": 8}.get(d.name)
-    need(native is None or d.image_size in (None, native),
-         f"data.image_size: {d.name} images are {native}×{native} and are not resized; remove data.image_size "
-         f"(got {d.image_size})")
     need(d.train_subset is None or d.train_subset >= 1, f"data.train_subset: must be >= 1 or null, got {d.train_subset}")
     need(d.num_workers >= 0, f"data.num_workers: must be >= 0, got {d.num_workers}")
     need(d.mixup >= 0 and d.cutmix >= 0, "data.mixup / data.cutmix: must be >= 0")
@@ -268,12 +264,17 @@ def check_ranges(cfg: Config, problems: list[str]) -> None:
              f"teacher.num_classes: {cfg.teacher.num_classes} differs from model.num_classes {cfg.model.num_classes}")
 
 
-def check_classes(cfg: Config, problems: list[str]) -> None:
-    """``model.num_classes`` against the dataset's class count, known without decoding (image
-    folders: their class sub-folders are counted)."""
+def check_dataset(cfg: Config, problems: list[str]) -> None:
+    """Settings against the dataset: ``data.image_size`` where images are not resized, and
+    ``model.num_classes`` against the class count, known without decoding (image folders: their
+    class sub-folders are counted)."""
     from .data.build import dataset_num_classes
 
     d = cfg.data
+    native = {"cifar10": 32, "cifar100": 32, "digits": 8}.get(d.name)
+    if native is not None and d.image_size not in (None, native):
+        problems.append(f"data.image_size: {d.name} images are {native}×{native} and are not resized; remove "
+                        f"data.image_size (got {d.image_size})")
     known = dataset_num_classes(d)
     if known is not None and cfg.model.num_classes != known:
         what = {"synthetic": "data.synthetic_classes"}.get(d.name, f"{d.name} at {d.root}" if d.root else d.name)
@@ -336,8 +337,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     cfg = build_dataclass(Config, data, "", problems)
     check_ranges(cfg, problems)  # on the fields that parsed (defaults stand in for broken ones)
     name_ok = not any(p.startswith("data.name:") for p in problems)
-    if name_ok:  # a wrong data.name is the problem; its class count would only be a follow-on error
-        check_classes(cfg, problems)
+    if name_ok:  # a wrong data.name is the problem; checks against the dataset would only follow from it
+        check_dataset(cfg, problems)
     params = validate_method(cfg, problems)
     if params is not None:
         cfg.method.params = asdict(params)

@@ -7,11 +7,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from functools import partial
 
 from torch import nn
 
+from ..registry import Registry
 from .checkpoint import load_weights
 from .cifar.mobilenetv2 import MobileNetV2
 from .cifar.resnet import RESNETS, CifarResNet
@@ -22,18 +22,18 @@ from .cifar.wrn import WRNS, WideResNet
 from .timm_adapter import TimmModel
 from .torchvision_adapter import TorchvisionModel
 
-MODELS: dict[str, Callable[..., nn.Module]] = {}
+MODELS: Registry = Registry("model")  # name -> constructor(num_classes=..., **kwargs)
 for _name, (_depth, _widths) in RESNETS.items():
-    MODELS[_name] = partial(CifarResNet, _depth, _widths)
+    MODELS.add(_name, partial(CifarResNet, _depth, _widths))
 for _name, (_block, _blocks) in RESNETV2.items():
-    MODELS[_name] = partial(ResNetV2, _block, _blocks)
+    MODELS.add(_name, partial(ResNetV2, _block, _blocks))
 for _name, (_depth, _k) in WRNS.items():
-    MODELS[_name] = partial(WideResNet, _depth, _k)
+    MODELS.add(_name, partial(WideResNet, _depth, _k))
 for _name, _cfg in VGGS.items():
-    MODELS[_name] = partial(VGG, _cfg)
-MODELS["mobilenetv2"] = partial(MobileNetV2, 6, 0.5)
-MODELS["shufflev1"] = ShuffleNetV1
-MODELS["shufflev2"] = ShuffleNetV2
+    MODELS.add(_name, partial(VGG, _cfg))
+MODELS.add("mobilenetv2", partial(MobileNetV2, 6, 0.5))
+MODELS.add("shufflev1", ShuffleNetV1)
+MODELS.add("shufflev2", ShuffleNetV2)
 
 TIMM_PREFIX = "timm/"
 TV_PREFIX = "tv/"
@@ -60,7 +60,7 @@ def create_model(name: str, num_classes: int = 100, checkpoint: str | None = Non
     elif name in MODELS:
         model = MODELS[name](num_classes=num_classes, **kwargs)
     else:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(sorted(MODELS))} or timm/<name> or tv/<name>")
+        raise ValueError(f"{MODELS.unknown(name)}, or timm/<name>, or tv/<name>")
     if checkpoint is not None:
         load_weights(model, checkpoint)
     return model

@@ -74,13 +74,14 @@ def read_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> obje
         raise ValueError(f"checkpoint {source} is unreadable ({why}): {first_line(e)}") from e
 
 
-def load_weights(model: nn.Module, checkpoint: str | os.PathLike | Mapping, *, allow_pickle: bool = False) -> nn.Module:
+def load_weights(model: nn.Module, checkpoint: str | os.PathLike | Mapping, *, allow_pickle: bool = False,
+                 source: str | None = None) -> nn.Module:
     """Load weights strictly into ``model``; raise ``ValueError`` naming every mismatch.
 
     ``allow_pickle=True`` is the explicit opt-in for files that ``weights_only`` loading rejects
     (arbitrary pickles: only for files you trust).
     """
-    source = "checkpoint"
+    source = source or "checkpoint"
     if not isinstance(checkpoint, Mapping):
         source = os.fspath(checkpoint)
         checkpoint = read_checkpoint(source, allow_pickle)
