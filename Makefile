@@ -7,7 +7,11 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: install test lint demo bench clean
+# Tests run in 2 workers (pytest-xdist) with one thread each: the multi-process tests wait on each
+# other, and one thread per worker keeps 2 cores busy without oversubscribing them.
+PYTEST_WORKERS ?= 2
+
+.PHONY: install test test-fast lint demo bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +25,10 @@ lint: install
 	$(PY) -m ruff check src tests benchmarks configs
 
 test: install lint
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
+
+test-fast: install lint
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(PYTEST_WORKERS) -m "not slow" $(PYTEST_ARGS)
 
 demo: install
 	$(PY) -m nkd demo --out demo_out

@@ -114,7 +114,6 @@ def test_no_bare_spec_word(area):
     assert not bad, f"{area}/ refers to SPEC (cite docs/methods.md instead):\n" + "\n".join(bad)
 
 
-@pytest.mark.xfail(strict=False, reason="README.md and configs/ headers still cite SPEC; the lead updates them after merging")
 @pytest.mark.parametrize("area", ["README.md", "configs"])
 def test_no_spec_in_readme_and_configs(area):
     files = _text_files(area)
@@ -123,7 +122,6 @@ def test_no_spec_in_readme_and_configs(area):
     assert not bad, f"{area} cites SPEC:\n" + "\n".join(sorted(set(bad))[:20])
 
 
-@pytest.mark.xfail(strict=False, reason="methods/ and models/ docstrings still say '(SPEC)'; their owners update them")
 def test_no_bare_spec_word_in_rest_of_src():
     bad = _offenders(_text_files("src"), SPEC_WORD)
     assert not bad, "src/ refers to SPEC (cite docs/methods.md instead):\n" + "\n".join(bad)

@@ -24,7 +24,7 @@ BASE = [
 TEACHER = "wrn_16_2"
 STUDENT = "resnet8"
 STUDENT_METHODS = ["ce", "kd", "dkd", "nkd", "ls", "uskd"]
-METHOD_PARAMS = {"dkd": ["method.params.warmup_epochs=5"], "uskd": ["method.params.mu=0.1"]}
+METHOD_PARAMS = {"uskd": ["method.params.mu=0.1"]}  # DKD: a warm-up of 5 epochs (fewer in shorter runs)
 
 
 def run_demo(out: str | Path = "demo_out", seeds: tuple[int, ...] = (0, 1, 2), epochs: int = 40,
@@ -34,17 +34,23 @@ def run_demo(out: str | Path = "demo_out", seeds: tuple[int, ...] = (0, 1, 2), e
     t0 = time.perf_counter()
     base = [*BASE, f"schedule.epochs={epochs}"]
     teacher_dir = runs / "teacher"
-    run_many([(None, [*base, f"model.name={TEACHER}", "method.name=ce", f"output_dir={teacher_dir}"])], 1,
-             desc=f"teacher {TEACHER}", overwrite=True)
+    teacher_job = (None, [*base, f"model.name={TEACHER}", "method.name=ce", f"output_dir={teacher_dir}"])
     teacher = f"teacher={{name: {TEACHER}, num_classes: 10, checkpoint: {teacher_dir / 'checkpoints' / 'best.pt'}}}"
     jobs = []
     for method in STUDENT_METHODS:
         for s in seeds:
             ov = [*base, f"model.name={STUDENT}", f"method.name={method}", f"seed={s}",
                   f"output_dir={runs / method / f'seed{s}'}", *METHOD_PARAMS.get(method, [])]
+            if method == "dkd":
+                ov.append(f"method.params.warmup_epochs={min(5, epochs)}")
             if method in ("kd", "dkd", "nkd"):
                 ov.append(teacher)
             jobs.append((None, ov))
+    from .config import load_config
+
+    for _, ov in [teacher_job, *jobs]:  # every config is checked before anything trains
+        load_config(None, ov)
+    run_many([teacher_job], 1, desc=f"teacher {TEACHER}", overwrite=True)
     run_many(jobs, workers, desc=f"students {STUDENT} ({len(STUDENT_METHODS)} methods x {len(seeds)} seeds)",
              overwrite=True)  # the demo's own folder: a rerun starts again
     minutes = (time.perf_counter() - t0) / 60

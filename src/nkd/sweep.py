@@ -27,36 +27,43 @@ class Job:
 def _run_group(jobs: list[Job], threads: int, resume: bool, overwrite: bool, allow_changes: bool) -> list[dict]:
     import torch
 
-    torch.set_num_threads(threads)
     from .config import load_config
     from .engine import Trainer
 
-    cfgs = [load_config(j.config, j.overrides, check_files=True) for j in jobs]
-    trainer = Trainer(cfgs[0] if len(cfgs) == 1 else cfgs, resume=resume, overwrite=overwrite,
-                      allow_changes=allow_changes)
-    out = trainer.fit()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        cfgs = [load_config(j.config, j.overrides, check_files=True) for j in jobs]
+        trainer = Trainer(cfgs[0] if len(cfgs) == 1 else cfgs, resume=resume, overwrite=overwrite,
+                          allow_changes=allow_changes)
+        out = trainer.fit()
+    finally:  # run in this process (one worker): leave its thread count as it was
+        torch.set_num_threads(before)
     return [out] if len(cfgs) == 1 else out
 
 
 def run_groups(groups: list[list[Job]], workers: int | None = None, desc: str | None = None, resume: bool = False,
                overwrite: bool = False, allow_changes: bool = False) -> list[dict]:
     """Train each group of jobs in one process (a group of one is an ordinary run); ``workers``
-    processes with ``cores / workers`` threads each. With ``desc`` a progress bar counts
-    finished groups. Returns the summaries in job order."""
+    processes with ``cores / workers`` threads each (at most ``OMP_NUM_THREADS`` when that is
+    set; a config's ``train.threads`` wins). With ``desc`` a progress bar counts finished
+    groups. Returns the summaries in job order."""
     from tqdm import tqdm
 
     cores = os.cpu_count() or 1
     workers = max(1, min(workers or cores, len(groups), cores))
+    threads = max(1, cores // workers)
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        threads = max(1, min(threads, int(os.environ["OMP_NUM_THREADS"])))
     bar = tqdm(total=len(groups), desc=desc, unit="run", disable=desc is None, dynamic_ncols=True)
     args = (resume, overwrite, allow_changes)
     if workers == 1:
         results = []
         for g in groups:
-            results.append(_run_group(g, max(1, cores), *args))
+            results.append(_run_group(g, threads, *args))
             bar.update(1)
         bar.close()
         return [s for r in results for s in r]
-    threads = max(1, cores // workers)
     import multiprocessing as mp
 
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
