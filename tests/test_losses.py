@@ -464,3 +464,18 @@ def test_value_checks_can_be_switched_off_for_validated_hot_loops():
             nkd_loss(z, torch.randn(4, 6), bad)
     with pytest.raises(ValueError, match=r"\[0, 5\)"):  # and the default is restored
         nkd_loss(z, u, bad)
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_uskd_parts_are_its_weighted_terms_and_sum_to_the_loss(soft):
+    z, w = rand(12, 7, grad=True), rand(12, 7, seed=1)
+    t = mixed(12, 7) if soft else labels(12, 7)
+    loss, parts = uskd_loss(z, w, t, alpha=0.3, beta=0.7, mu=0.2, return_parts=True)
+    torch.testing.assert_close(loss, uskd_loss(z, w, t, alpha=0.3, beta=0.7, mu=0.2))
+    torch.testing.assert_close(sum(parts.values()), loss.detach())
+    alone = {"target": dict(alpha=1.0, beta=0.0, mu=0.0), "non_target": dict(alpha=0.0, beta=1.0, mu=0.0),
+             "weak": dict(alpha=0.0, beta=0.0, mu=1.0)}
+    weight = {"target": 0.3, "non_target": 0.7, "weak": 0.2}
+    for name, kw in alone.items():
+        torch.testing.assert_close(parts[name], weight[name] * uskd_loss(z, w, t, **kw).detach(), msg=name)
+        assert not parts[name].requires_grad

@@ -146,10 +146,12 @@ def _uskd_rows(z, w, idx, v, has2, valid, soft, alpha, beta, mu, rank, need_grad
     log_nt.scatter_(1, idx, 0.0)
     loss_non = -torch.bmm(zhat.unsqueeze(1), log_nt.unsqueeze(2)).reshape(-1)
 
-    loss = alpha * loss_t + beta * loss_non + loss_weak
-    loss = torch.where(valid, loss, torch.zeros_like(loss))
+    zero = torch.zeros_like(loss_t)
+    parts = {"target": torch.where(valid, alpha * loss_t, zero), "non_target": torch.where(valid, beta * loss_non, zero),
+             "weak": torch.where(valid, loss_weak, zero)}
+    loss = parts["target"] + parts["non_target"] + parts["weak"]
     if not need_grad:
-        return loss, None, None
+        return loss, None, None, parts
     vf = valid[:, None].to(z.dtype)
     # d/dz: alpha (P s - sum_k p_k e_tk) + beta (s' - zhat)
     grad_z = s.mul_(alpha * p.sum(1, keepdim=True))
@@ -164,7 +166,7 @@ def _uskd_rows(z, w, idx, v, has2, valid, soft, alpha, beta, mu, rank, need_grad
     else:
         grad_w = wt.sub_(0.1 / c).sub_(soft, alpha=0.9)
     grad_w.mul_(mu * vf)
-    return loss, grad_z, grad_w
+    return loss, grad_z, grad_w, parts
 
 
 def uskd_loss(
@@ -178,7 +180,8 @@ def uskd_loss(
     rank: str = "paper",
     reduction: str = "mean",
     ignore_index: int = -100,
-) -> Tensor:
+    return_parts: bool = False,
+) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
     """USKD loss ``α·L_t + β·L_non + L_weak`` per row, then ``reduction`` (CE not included).
 
     With ``s = softmax(z)`` for the final logits ``z``, weak logits ``w``, targets ``t_k`` with
@@ -211,9 +214,12 @@ def uskd_loss(
             ``"none"`` (per-row values, shape ``[...]``).
         ignore_index: hard-label value whose rows are left out of the loss and of the batch mean
             (default -100).
+        return_parts: also return the detached, reduced parts ``{"target": α·L_t,
+            "non_target": β·L_non, "weak": L_weak}`` (they sum to the loss), for logging.
 
     Returns:
-        The loss in float32 (float64 for float64 input): a scalar, or ``[...]`` for ``"none"``.
+        The loss in float32 (float64 for float64 input): a scalar, or ``[...]`` for ``"none"``;
+        with ``return_parts``, ``(loss, parts)``.
     """
     check_logits("logits", logits)
     check_logits("weak_logits", weak_logits)
@@ -234,7 +240,7 @@ def uskd_loss(
         idx, v, has2 = uskd_targets(rows.index, rows.soft)
         need_grad = torch.is_grad_enabled() and (z.requires_grad or w.requires_grad)
         with torch.no_grad():
-            loss, gz, gw = _uskd_rows(
+            loss, gz, gw, parts = _uskd_rows(
                 z.detach(), w.detach(), idx, v, has2, rows.valid, rows.soft,
                 float(alpha), float(beta), float(mu), rank, need_grad,
             )
@@ -243,7 +249,10 @@ def uskd_loss(
         elif need_grad and not w.requires_grad:
             w, gw = None, None
         per_row = row_loss_with_grad(loss, z, gz, w, gw)
-        return reduce_rows(per_row, rows.valid, reduction, rows.lead_shape)
+        out = reduce_rows(per_row, rows.valid, reduction, rows.lead_shape)
+        if not return_parts:
+            return out
+        return out, {k: reduce_rows(v, rows.valid, reduction, rows.lead_shape) for k, v in parts.items()}
 
 
 class USKDLoss(nn.Module):

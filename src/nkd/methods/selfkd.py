@@ -102,6 +102,11 @@ class USKDMethod(Method):
         return {"logits": logits, "weak_logits": parts.head(feats["weak"])}
 
     def losses(self, out, teacher, target, epoch):
-        z, p = out["logits"], self.p
-        return {"loss_ce": p.ce_weight * ce(z, target),
-                "loss_uskd": uskd_loss(z, out["weak_logits"], target, alpha=p.alpha, beta=p.beta, mu=p.mu, rank=p.rank)}
+        """``loss_ce``, ``loss_uskd``; logged only: its parts ``uskd_target`` (α·L_t),
+        ``uskd_non_target`` (β·L_non), ``uskd_weak`` (L_weak) and the weak head's top-1 ``weak_top1``."""
+        z, w, p = out["logits"], out["weak_logits"], self.p
+        loss, parts = uskd_loss(z, w, target, alpha=p.alpha, beta=p.beta, mu=p.mu, rank=p.rank, return_parts=True)
+        label = target.argmax(-1) if target.is_floating_point() else target
+        return {"loss_ce": p.ce_weight * ce(z, target), "loss_uskd": loss,
+                **{f"uskd_{k}": v for k, v in parts.items()},
+                "weak_top1": 100 * (w.detach().argmax(-1) == label).float().mean()}
