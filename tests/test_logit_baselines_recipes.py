@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from nkd.config import load_config
 from nkd.losses import dist_loss, dkd_zscore_loss, kd_zscore_loss
 from nkd.methods import METHODS
+from nkd.typed import Problems
 
 ROOT = Path(__file__).resolve().parents[1] / "configs"
 
@@ -67,29 +69,34 @@ def test_headers_cite_sources_not_developer_notes():
 
 
 def _method(name, **params):
-    cls, params_cls = METHODS[name]
-    torch.manual_seed(0)
-    teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 7))
-    return cls(params_cls(**params), teacher=teacher, num_classes=7)
+    cls = METHODS[name]
+    return cls(cls.Params(**params), num_classes=7)
 
 
 def test_method_objectives_combine_the_losses_as_the_authors_do():
     g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(8, 3, 2, 2, generator=g), torch.randint(0, 7, (8,), generator=g)
-    z = torch.randn(8, 7, generator=g)
+    y = torch.randint(0, 7, (8,), generator=g)
+    z, u = torch.randn(8, 7, generator=g), torch.randn(8, 7, generator=g) * 3
+    out, teacher = {"logits": z}, {"logits": u}
     m = _method("dist", temperature=4.0, beta=0.5, gamma=1.5, ce_weight=1.0, kd_weight=2.0)
-    u = m.teacher(x)
-    out = m.losses(z, None, x, y, epoch=0)
-    torch.testing.assert_close(out["loss_ce"], F.cross_entropy(z, y))
-    torch.testing.assert_close(out["loss_dist"], 2.0 * dist_loss(z, u, temperature=4.0, beta=0.5, gamma=1.5))
+    loss = m.losses(out, teacher, y, epoch=0)
+    torch.testing.assert_close(loss["loss_ce"], F.cross_entropy(z, y))
+    torch.testing.assert_close(loss["loss_dist"], 2.0 * dist_loss(z, u, temperature=4.0, beta=0.5, gamma=1.5))
     m = _method("kd_zscore", temperature=3.0, ce_weight=0.1, kd_weight=9.0)
-    out = m.losses(z, None, x, y, epoch=0)
-    torch.testing.assert_close(out["loss_ce"], 0.1 * F.cross_entropy(z, y))
-    torch.testing.assert_close(out["loss_kd"], 9.0 * kd_zscore_loss(z, m.teacher(x), temperature=3.0))
+    loss = m.losses(out, teacher, y, epoch=0)
+    torch.testing.assert_close(loss["loss_ce"], 0.1 * F.cross_entropy(z, y))
+    torch.testing.assert_close(loss["loss_kd"], 9.0 * kd_zscore_loss(z, u, temperature=3.0))
     # DKD: the KD weight multiplies α and β (= the DKD term); linear warm-up over W epochs (0-based epoch e)
     m = _method("dkd_zscore", alpha=1.0, beta=2.0, temperature=3.0, kd_weight=18.0, warmup_epochs=20)
-    full = dkd_zscore_loss(z, m.teacher(x), y, alpha=18.0, beta=36.0, temperature=3.0)
-    torch.testing.assert_close(m.losses(z, None, x, y, epoch=4)["loss_dkd"], full * 5 / 20)
-    torch.testing.assert_close(m.losses(z, None, x, y, epoch=30)["loss_dkd"], full)
-    torch.testing.assert_close(m.losses(z, None, x, y, epoch=30)["loss_ce"], F.cross_entropy(z, y))
-    assert all(METHODS[n][0].needs_teacher for n in ("dist", "kd_zscore", "dkd_zscore"))
+    full = dkd_zscore_loss(z, u, y, alpha=18.0, beta=36.0, temperature=3.0)
+    torch.testing.assert_close(m.losses(out, teacher, y, epoch=4)["loss_dkd"], full * 5 / 20)
+    torch.testing.assert_close(m.losses(out, teacher, y, epoch=30)["loss_dkd"], full)
+    torch.testing.assert_close(m.losses(out, teacher, y, epoch=30)["loss_ce"], F.cross_entropy(z, y))
+    assert all(METHODS[n].teacher_outputs == ("logits",) for n in ("dist", "kd_zscore", "dkd_zscore"))
+
+
+def test_method_params_are_checked_at_config_time():
+    for name, bad in (("dist", {"temperature": 0.0}), ("dist", {"gamma": -1.0}), ("kd_zscore", {"kd_weight": -9.0}),
+                      ("dkd_zscore", {"beta": float("nan")})):
+        with pytest.raises(Problems, match=next(iter(bad))):
+            METHODS[name].Params(**bad)

@@ -96,7 +96,20 @@ def dist_loss(
     reduction: str = "mean",
     ignore_index: int = -100,
 ) -> Tensor:
-    r"""DIST ``τ²(β·L_inter + γ·L_intra)`` (module docstring), without CE.
+    r"""DIST: ``τ²(β·L_inter + γ·L_intra)`` over the batch, without CE.
+
+    .. math::
+
+        Y^s = \mathrm{softmax}(z/\tau),\ Y^t = \mathrm{softmax}(u/\tau),\quad
+        \rho(a, b) = \frac{\langle a-\bar a,\, b-\bar b\rangle}{\lVert a-\bar a\rVert\lVert b-\bar b\rVert + 10^{-8}}
+
+        L_{inter} = 1 - \tfrac{1}{M}\textstyle\sum_r \rho(Y^s_{r,:}, Y^t_{r,:}),\quad
+        L_{intra} = 1 - \tfrac{1}{C}\textstyle\sum_j \rho(Y^s_{:,j}, Y^t_{:,j})
+
+    over the ``M`` non-ignored rows. ``L_intra`` correlates each class over the rows, so the loss
+    couples the batch: there is no per-row value (``reduction="none"`` raises), and under DDP it is
+    computed over each process's local batch. Training objective (method ``dist``):
+    ``ce_weight·CE + kd_weight·DIST`` (authors: 1 and 2).
 
     Args:
         student_logits, teacher_logits: ``[..., C]`` of equal shape, ``C >= 2``; leading dims are
@@ -148,7 +161,16 @@ def dist_loss(
 
 
 class DISTLoss(nn.Module):
-    """Module form of :func:`dist_loss`; ``forward(student_logits, teacher_logits, target=None)``."""
+    """Module form of :func:`dist_loss`: ``τ²(β·L_inter + γ·L_intra)`` (inter-class Pearson
+    correlation per row, intra-class per class over the batch).
+
+    Args:
+        beta: β ≥ 0, weight of the inter-class term (default 1).
+        gamma: γ ≥ 0, weight of the intra-class term (default 1).
+        temperature: τ > 0 (default 1 = the authors' ImageNet setting; 4 on CIFAR-100).
+        reduction: ``"mean"`` (default) or ``"sum"`` (rows × mean); ``"none"`` is refused.
+        ignore_index: hard-label value whose rows are left out of both terms (default -100).
+    """
 
     def __init__(self, beta: float = 1.0, gamma: float = 1.0, temperature: float = 1.0, reduction: str = "mean",
                  ignore_index: int = -100):
@@ -162,7 +184,17 @@ class DISTLoss(nn.Module):
         self.reduction, self.ignore_index = reduction, ignore_index
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None = None) -> Tensor:
-        """DIST of ``student_logits`` to ``teacher_logits`` ``[..., C]``; ``target`` only marks ignored rows."""
+        """DIST of the student to the (frozen) teacher.
+
+        Args:
+            student_logits: ``[..., C]`` floating logits; leading dims are the rows of the batch.
+            teacher_logits: ``[..., C]``, same shape; detached.
+            target: optional int64 labels ``[...]`` (or soft ``[..., C]``); only marks rows equal
+                to ``ignore_index`` to leave out.
+
+        Returns:
+            A scalar.
+        """
         return dist_loss(student_logits, teacher_logits, target, beta=self.beta, gamma=self.gamma,
                          temperature=self.temperature, reduction=self.reduction, ignore_index=self.ignore_index)
 

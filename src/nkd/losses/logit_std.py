@@ -65,8 +65,11 @@ def standardize_logits(logits: Tensor, eps: float = ZSCORE_EPS) -> Tensor:
     r"""Z-score each row over the last dimension: ``(x − mean(x)) / (eps + std(x))``.
 
     ``std`` is the unbiased standard deviation (divisor ``C − 1``), as in the authors' code.
-    Keeps the input's dtype and shape ``[..., C]`` (``C >= 2``); differentiable. A row of equal
-    logits becomes a row of zeros.
+    Differentiable; a row of equal logits becomes a row of zeros.
+
+    Args:
+        logits: floating ``[..., C]``, ``C >= 2``; the output keeps its dtype and shape.
+        eps: ε > 0 added to the standard deviation (default 1e-7, the authors' value).
     """
     check_logits("logits", logits)
     check_positive("eps", eps)
@@ -135,8 +138,12 @@ def dkd_zscore_loss(
         student_logits, teacher_logits: ``[..., C]`` of equal shape, ``C >= 2``.
         target: int64 labels ``[...]`` (``ignore_index`` allowed) or soft labels ``[..., C]``
             (``t = argmax``).
-        alpha, beta: weights ≥ 0; temperature: base temperature τ > 0; eps: ε > 0.
-        reduction: ``"mean"`` over non-ignored rows, ``"sum"`` or ``"none"``.
+        alpha: weight α ≥ 0 of TCKD (default 1; the authors use ``1·w``).
+        beta: weight β ≥ 0 of NCKD (default 8; the authors use ``β·w`` with β from their logs).
+        temperature: base temperature τ > 0 (authors' default 2).
+        eps: ε > 0 added to the standard deviation (authors: 1e-7).
+        reduction: ``"mean"`` over non-ignored rows, ``"sum"`` or ``"none"`` (shape ``[...]``).
+        ignore_index: hard-label value whose rows are left out.
     """
     check_pair(student_logits, teacher_logits)
     check_nonnegative("alpha", alpha)
@@ -152,7 +159,14 @@ def dkd_zscore_loss(
 
 
 class KDZScoreLoss(nn.Module):
-    """Module form of :func:`kd_zscore_loss`; ``forward(student_logits, teacher_logits, target=None)``."""
+    """Module form of :func:`kd_zscore_loss`: ``τ²·KL(softmax(ũ/τ) ‖ softmax(z̃/τ))`` per row on z-scored logits.
+
+    Args:
+        temperature: base temperature τ > 0 (default 2, the authors' default).
+        eps: ε > 0 added to the standard deviation (default 1e-7).
+        reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``.
+        ignore_index: hard-label value whose rows are left out when a target is given (default -100).
+    """
 
     def __init__(self, temperature: float = 2.0, eps: float = ZSCORE_EPS, reduction: str = "mean",
                  ignore_index: int = -100):
@@ -165,7 +179,17 @@ class KDZScoreLoss(nn.Module):
         self.reduction, self.ignore_index = reduction, ignore_index
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None = None) -> Tensor:
-        """KD of z-scored ``student_logits`` to z-scored ``teacher_logits`` ``[..., C]``."""
+        """KD of the z-scored student logits to the z-scored (frozen) teacher logits.
+
+        Args:
+            student_logits: ``[..., C]`` floating logits.
+            teacher_logits: ``[..., C]``, same shape; detached.
+            target: optional int64 labels ``[...]`` (or soft ``[..., C]``); only marks rows equal
+                to ``ignore_index`` to leave out.
+
+        Returns:
+            A scalar (``"mean"``/``"sum"``) or per-row values ``[...]`` (``"none"``).
+        """
         return kd_zscore_loss(student_logits, teacher_logits, target, temperature=self.temperature, eps=self.eps,
                               reduction=self.reduction, ignore_index=self.ignore_index)
 
@@ -174,7 +198,16 @@ class KDZScoreLoss(nn.Module):
 
 
 class DKDZScoreLoss(nn.Module):
-    """Module form of :func:`dkd_zscore_loss`; ``forward(student_logits, teacher_logits, target)``."""
+    """Module form of :func:`dkd_zscore_loss`: ``α·TCKD + β·NCKD`` at base temperature τ on z-scored logits.
+
+    Args:
+        alpha: weight α ≥ 0 of TCKD (default 1).
+        beta: weight β ≥ 0 of NCKD (default 8).
+        temperature: base temperature τ > 0 (default 2).
+        eps: ε > 0 added to the standard deviation (default 1e-7).
+        reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``.
+        ignore_index: hard-label value whose rows are left out (default -100).
+    """
 
     def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 2.0, eps: float = ZSCORE_EPS,
                  reduction: str = "mean", ignore_index: int = -100):
@@ -189,7 +222,17 @@ class DKDZScoreLoss(nn.Module):
         self.reduction, self.ignore_index = reduction, ignore_index
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor) -> Tensor:
-        """DKD of z-scored ``student_logits`` to z-scored ``teacher_logits`` ``[..., C]`` with labels ``target``."""
+        """DKD of the z-scored student logits to the z-scored (frozen) teacher logits.
+
+        Args:
+            student_logits: ``[..., C]`` floating logits.
+            teacher_logits: ``[..., C]``, same shape; detached.
+            target: int64 labels ``[...]`` (``ignore_index`` allowed) or soft labels ``[..., C]``
+                (``t = argmax``).
+
+        Returns:
+            A scalar (``"mean"``/``"sum"``) or per-row values ``[...]`` (``"none"``).
+        """
         return dkd_zscore_loss(student_logits, teacher_logits, target, alpha=self.alpha, beta=self.beta,
                                temperature=self.temperature, eps=self.eps, reduction=self.reduction,
                                ignore_index=self.ignore_index)
