@@ -23,7 +23,7 @@ from nkd.models import create_model
 
 TEACHER = {"name": "resnet8", "num_classes": 10}
 PARAMS = {"ce": {}, "kd": {}, "dkd": {"warmup_epochs": 1}, "nkd": {}, "uskd": {"mu": 0.1}, "ls": {}, "zipf_ls": {},
-          "tfkd": {}}
+          "tfkd": {}, "dist": {"temperature": 4.0}, "kd_zscore": {}, "dkd_zscore": {"warmup_epochs": 1}}
 
 
 def run_config(tmp_path: Path, method: str, **extra) -> str:
@@ -35,7 +35,7 @@ def run_config(tmp_path: Path, method: str, **extra) -> str:
 
 
 def test_every_method_is_registered():
-    assert set(METHODS) == {"ce", "kd", "dkd", "nkd", "uskd", "ls", "zipf_ls", "tfkd"}
+    assert set(METHODS) == {"ce", "kd", "dkd", "nkd", "uskd", "ls", "zipf_ls", "tfkd", "dist", "kd_zscore", "dkd_zscore"}
 
 
 @pytest.mark.parametrize("method", sorted(PARAMS))

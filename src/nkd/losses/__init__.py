@@ -1,8 +1,10 @@
-"""Distillation losses: NKD, USKD, KD, DKD and the self-KD baselines.
+"""Distillation losses: NKD, USKD, KD, DKD, the self-KD baselines and the logit baselines DIST and
+logit-standardized (z-score) KD/DKD.
 
 Every loss takes logits ``[..., C]``, hard labels ``[...]`` (int64) or soft labels ``[..., C]``,
 computes in float32 even under autocast, validates its input, and supports
-``reduction in {"mean", "sum", "none"}``. ``LOSSES`` maps a name to its functional form.
+``reduction in {"mean", "sum", "none"}`` — except DIST, whose intra-class term couples the rows of a
+batch (``"mean"``/``"sum"`` only). ``LOSSES`` maps a name to its functional form.
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ._common import value_checks
+from .dist import DISTLoss, dist_loss
 from .dkd import DKDLoss, dkd_loss
 from .kd import KDLoss, kd_loss
+from .logit_std import DKDZScoreLoss, KDZScoreLoss, dkd_zscore_loss, kd_zscore_loss, standardize_logits
 from .nkd import NKDLoss, nkd_loss
 from .selfkd import (
     LabelSmoothingLoss,
@@ -31,6 +35,9 @@ LOSSES: dict[str, Callable] = {
     "ls": label_smoothing_loss,
     "zipf_ls": zipf_ls_loss,
     "tfkd": tfkd_loss,
+    "dist": dist_loss,
+    "kd_zscore": kd_zscore_loss,
+    "dkd_zscore": dkd_zscore_loss,
 }
 
 __all__ = [
@@ -51,4 +58,11 @@ __all__ = [
     "LabelSmoothingLoss",
     "ZipfLSLoss",
     "TfKDLoss",
+    "dist_loss",
+    "kd_zscore_loss",
+    "dkd_zscore_loss",
+    "standardize_logits",
+    "DISTLoss",
+    "KDZScoreLoss",
+    "DKDZScoreLoss",
 ]
