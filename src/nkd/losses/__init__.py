@@ -9,8 +9,7 @@ batch (``"mean"``/``"sum"`` only). ``LOSSES`` maps a name to its functional form
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
+from ..registry import Registry
 from ._common import value_checks
 from .dist import DISTLoss, dist_loss
 from .dkd import DKDLoss, dkd_loss
@@ -27,18 +26,11 @@ from .selfkd import (
 )
 from .uskd import RANK_MODES, USKDLoss, uskd_loss
 
-LOSSES: dict[str, Callable] = {
-    "nkd": nkd_loss,
-    "uskd": uskd_loss,
-    "kd": kd_loss,
-    "dkd": dkd_loss,
-    "ls": label_smoothing_loss,
-    "zipf_ls": zipf_ls_loss,
-    "tfkd": tfkd_loss,
-    "dist": dist_loss,
-    "kd_zscore": kd_zscore_loss,
-    "dkd_zscore": dkd_zscore_loss,
-}
+LOSSES: Registry = Registry("loss")  # name -> the functional form
+for _name, _fn in (("nkd", nkd_loss), ("uskd", uskd_loss), ("kd", kd_loss), ("dkd", dkd_loss),
+                   ("ls", label_smoothing_loss), ("zipf_ls", zipf_ls_loss), ("tfkd", tfkd_loss), ("dist", dist_loss),
+                   ("kd_zscore", kd_zscore_loss), ("dkd_zscore", dkd_zscore_loss)):
+    LOSSES.add(_name, _fn)
 
 __all__ = [
     "LOSSES",

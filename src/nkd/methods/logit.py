@@ -15,6 +15,7 @@ import dataclasses
 
 from ..losses import dist_loss, dkd_zscore_loss, kd_zscore_loss
 from .base import Method, Params, ce, default_of, register
+from .teacher import RampedMethod
 
 
 @dataclasses.dataclass
@@ -67,20 +68,12 @@ class DKDZScoreParams(Params):
 
 
 @register("dkd_zscore")
-class DKDZScoreMethod(Method):
+class DKDZScoreMethod(RampedMethod):
     Params = DKDZScoreParams
-    teacher_outputs = ("logits",)
-
-    @classmethod
-    def config_problems(cls, params, cfg):
-        if params.warmup_epochs > cfg.schedule.epochs:
-            return [f"method.params.warmup_epochs: the DKD ramp ({params.warmup_epochs} epochs) is longer than the run "
-                    f"(schedule.epochs={cfg.schedule.epochs}): the DKD term would never reach full weight"]
-        return []
 
     def losses(self, out, teacher, target, epoch):
         z, p = out["logits"], self.p
-        ramp = min((epoch + 1) / max(p.warmup_epochs, 1), 1.0)
+        ramp = self.ramp(epoch)
         return {"loss_ce": p.ce_weight * ce(z, target),
                 "loss_dkd": ramp * p.kd_weight * dkd_zscore_loss(z, teacher["logits"], target, alpha=p.alpha,
                                                                  beta=p.beta, temperature=p.temperature)}

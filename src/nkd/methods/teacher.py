@@ -49,9 +49,10 @@ class DKDParams(Params):
     warmup_epochs: int = 20
 
 
-@register("dkd")
-class DKDMethod(Method):
-    Params = DKDParams
+class RampedMethod(Method):
+    """A method whose distillation term ramps up linearly over ``warmup_epochs`` (DKD and its
+    variants): ``min((e+1)/W, 1)``; a ramp longer than the run is a config problem."""
+
     teacher_outputs = ("logits",)
 
     @classmethod
@@ -61,9 +62,17 @@ class DKDMethod(Method):
                     f"(schedule.epochs={cfg.schedule.epochs}): the DKD term would never reach full weight"]
         return []
 
+    def ramp(self, epoch: int) -> float:
+        return min((epoch + 1) / max(self.p.warmup_epochs, 1), 1.0)
+
+
+@register("dkd")
+class DKDMethod(RampedMethod):
+    Params = DKDParams
+
     def losses(self, out, teacher, target, epoch):
         z, p = out["logits"], self.p
-        ramp = min((epoch + 1) / max(p.warmup_epochs, 1), 1.0)
+        ramp = self.ramp(epoch)
         return {"loss_ce": p.ce_weight * ce(z, target),
                 "loss_dkd": ramp * dkd_loss(z, teacher["logits"], target, alpha=p.alpha, beta=p.beta,
                                             temperature=p.temperature)}
