@@ -4,8 +4,10 @@ Data: scikit-learn's handwritten digits (1,797 real 8×8 scans; it ships inside 
 a fixed stratified split (1,347 train / 450 test) of which a 200-image training subset is used
 so that the student has something to learn from its teacher. A ``wrn_16_2`` teacher is trained
 once; ``resnet8`` students are trained with CE, KD, DKD and NKD, and self-KD runs with label
-smoothing and USKD (the CE student is the self-KD baseline too), 3 seeds each, in parallel
-processes. Everything else is the ordinary Trainer, so each run directory is a normal nkd run.
+smoothing and USKD (the CE student is the self-KD baseline too), 3 seeds each. The students of a
+seed train in lockstep — KD, DKD and NKD share one teacher forward per batch, CE, LS and USKD one
+data pipeline — with the groups in parallel processes; each student ends exactly where a separate
+run would. Everything else is the ordinary Trainer, so each run directory is a normal nkd run.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import time
 from pathlib import Path
 
 from .report import write_report
-from .sweep import run_many
+from .sweep import Job, run_groups, run_many
 
 BASE = [
     "data.name=digits", "data.train_subset=200", "data.batch_size=64", "data.eval_batch_size=512",
@@ -23,7 +25,8 @@ BASE = [
 ]
 TEACHER = "wrn_16_2"
 STUDENT = "resnet8"
-STUDENT_METHODS = ["ce", "kd", "dkd", "nkd", "ls", "uskd"]
+TEACHER_METHODS = ("kd", "dkd", "nkd")
+SELF_KD_METHODS = ("ce", "ls", "uskd")
 METHOD_PARAMS = {"uskd": ["method.params.mu=0.1"]}  # DKD: a warm-up of 5 epochs (fewer in shorter runs)
 
 
@@ -36,23 +39,26 @@ def run_demo(out: str | Path = "demo_out", seeds: tuple[int, ...] = (0, 1, 2), e
     teacher_dir = runs / "teacher"
     teacher_job = (None, [*base, f"model.name={TEACHER}", "method.name=ce", f"output_dir={teacher_dir}"])
     teacher = f"teacher={{name: {TEACHER}, num_classes: 10, checkpoint: {teacher_dir / 'checkpoints' / 'best.pt'}}}"
-    jobs = []
-    for method in STUDENT_METHODS:
-        for s in seeds:
-            ov = [*base, f"model.name={STUDENT}", f"method.name={method}", f"seed={s}",
-                  f"output_dir={runs / method / f'seed{s}'}", *METHOD_PARAMS.get(method, [])]
-            if method == "dkd":
-                ov.append(f"method.params.warmup_epochs={min(5, epochs)}")
-            if method in ("kd", "dkd", "nkd"):
-                ov.append(teacher)
-            jobs.append((None, ov))
+    jobs, groups = [], []
+    for s in seeds:
+        for family in (TEACHER_METHODS, SELF_KD_METHODS):
+            groups.append([])
+            for method in family:
+                ov = [*base, f"model.name={STUDENT}", f"method.name={method}", f"seed={s}",
+                      f"output_dir={runs / method / f'seed{s}'}", *METHOD_PARAMS.get(method, [])]
+                if method == "dkd":
+                    ov.append(f"method.params.warmup_epochs={min(5, epochs)}")
+                if method in TEACHER_METHODS:
+                    ov.append(teacher)
+                jobs.append((None, ov))
+                groups[-1].append(Job(None, ov))
     from .config import load_config
 
     for _, ov in [teacher_job, *jobs]:  # every config is checked before anything trains
         load_config(None, ov)
     run_many([teacher_job], 1, desc=f"teacher {TEACHER}", overwrite=True)
-    run_many(jobs, workers, desc=f"students {STUDENT} ({len(STUDENT_METHODS)} methods x {len(seeds)} seeds)",
-             overwrite=True)  # the demo's own folder: a rerun starts again
+    run_groups(groups, workers, desc=f"students {STUDENT} ({len(jobs)} runs in {len(groups)} lockstep groups)",
+               overwrite=True)  # the demo's own folder: a rerun starts again
     minutes = (time.perf_counter() - t0) / 60
     preamble = (f"scikit-learn digits (real 8×8 scans), 200 training images, 450 test images; teacher "
                 f"{TEACHER} (1 run), students {STUDENT}, {epochs} epochs, SGD + cosine, seeds {list(seeds)}. "
