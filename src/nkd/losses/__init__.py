@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from ._common import value_checks
 from .dkd import DKDLoss, dkd_loss
+from .fused import FusedLinearKDLoss, FusedLinearNKDLoss, fused_linear_kd_loss, fused_linear_nkd_loss
 from .kd import KDLoss, kd_loss
 from .nkd import NKDLoss, nkd_loss
 from .selfkd import (
@@ -51,4 +52,8 @@ __all__ = [
     "LabelSmoothingLoss",
     "ZipfLSLoss",
     "TfKDLoss",
+    "fused_linear_nkd_loss",
+    "fused_linear_kd_loss",
+    "FusedLinearNKDLoss",
+    "FusedLinearKDLoss",
 ]
