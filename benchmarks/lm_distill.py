@@ -55,16 +55,16 @@ SKIP_DIRS = {"site-packages", "test", "tests", "idle_test", "__pycache__"}
 
 @dataclass
 class Setup:
-    vocab: int = 8192
+    vocab: int = 4096
     seq: int = 128
     batch: int = 16
-    teacher_hidden: int = 256
+    teacher_hidden: int = 192
     teacher_layers: int = 4
-    student_hidden: int = 128
+    student_hidden: int = 96
     student_layers: int = 2
     heads: int = 4
-    teacher_steps: int = 600
-    student_steps: int = 300
+    teacher_steps: int = 400
+    student_steps: int = 200
     lr: float = 3e-3
     warmup: int = 40
     eval_every: int = 50

@@ -306,7 +306,7 @@ def _build_teacher(
 class _Plan:
     """Everything the chunk loop needs besides the differentiable tensors."""
 
-    rows_fn: Callable  # (z, u, idx, valid, need_grad) -> (loss [c], grad [c, V] | None)
+    rows_fn: Callable  # (z, u, idx, valid=None, need_grad) -> (loss [c], grad [c, V] | None)
     teacher: object
     index: Tensor  # [N] class index per row (0 where ignored)
     chunks: list  # slices (all rows valid) or index tensors into the N rows
@@ -336,8 +336,7 @@ def _chunk_pass(plan: _Plan, hidden: Tensor, weight: Tensor, bias: Tensor | None
         z = _linear(h, w_mm, b_mm).to(plan.cdtype)
         u = plan.teacher.rows(sel, plan.cdtype)
         idx = _take(plan.index, sel)
-        valid = torch.ones(idx.shape, dtype=torch.bool, device=idx.device)
-        loss, g = plan.rows_fn(z, u, idx, valid, need_grad)
+        loss, g = plan.rows_fn(z, u, idx, None, need_grad)  # ignored rows are never in a chunk
         del z, u
         if isinstance(sel, slice):
             per_row[sel] = loss
