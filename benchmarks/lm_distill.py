@@ -324,7 +324,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- teacher
     teacher = make_model(setup, setup.teacher_hidden, setup.teacher_layers, seed=0)
-    key = hashlib.sha1(json.dumps([asdict(setup), data["files"], len(data["train"]), bf16]).encode()).hexdigest()[:12]
+    teacher_fields = ("vocab", "seq", "batch", "teacher_hidden", "teacher_layers", "heads", "teacher_steps", "lr", "warmup",
+                      "eval_every", "val_windows", "max_files")
+    key = hashlib.sha1(json.dumps([[getattr(setup, f) for f in teacher_fields], data["files"], len(data["train"]), bf16]).encode())
+    key = key.hexdigest()[:12]
     ckpt = cache / f"teacher-{key}.pt"
     if ckpt.exists():
         saved = torch.load(ckpt, weights_only=True)

@@ -132,6 +132,15 @@ def _check_lead(name: str, x: Tensor, lead: torch.Size, what: str) -> None:
         )
 
 
+def _check_devices(device: torch.device, **tensors) -> None:
+    """Every tensor argument must live on ``hidden``'s device."""
+    for name, x in tensors.items():
+        parts = x if name == "teacher_topk" and isinstance(x, (tuple, list)) else (x,)
+        for part in parts:
+            if isinstance(part, Tensor) and part.device != device:
+                raise ValueError(f"{name} must be on hidden's device {device}, got {part.device}")
+
+
 def _check_chunk_size(chunk_size: object) -> None:
     if chunk_size is None:
         return
@@ -317,7 +326,8 @@ class _Plan:
 
 
 def _chunk_pass(plan: _Plan, hidden: Tensor, weight: Tensor, bias: Tensor | None, scale, want: tuple[bool, bool, bool]):
-    """Run every chunk: per-row losses ``[N]`` and the gradients scaled by ``scale``.
+    """Run every chunk: per-row losses ``[N]`` and the gradients scaled by ``scale``
+    (``∂L/∂h = s·(G W)``, ``∂L/∂W += Gᵀ (s·h)``, ``∂L/∂b += sᵀ G``, so ``G`` itself is never scaled).
 
     ``scale`` is a float (mean/sum) or a ``[N]`` tensor (per-row weights, for reduction "none").
     """
@@ -344,21 +354,35 @@ def _chunk_pass(plan: _Plan, hidden: Tensor, weight: Tensor, bias: Tensor | None
             per_row.index_copy_(0, sel, loss)
         if g is None:
             continue
-        g.mul_(scale if not isinstance(scale, Tensor) else _take(scale, sel).to(g.dtype)[:, None])
-        if want_b:
-            gb.add_(g.sum(0))
-        g = g.to(plan.mm_dtype)
+        # the reduction weight is applied to the small products, not to g [chunk, V] (one pass less)
+        if isinstance(scale, Tensor):
+            rs = _take(scale, sel).to(g.dtype)  # per-row weights (reduction "none")
+            if want_b:
+                gb.add_(rs @ g)
+            g = g.to(plan.mm_dtype)
+            if want_h:
+                gh_rows = (g @ w_mm).mul_(rs[:, None].to(plan.mm_dtype))
+            if want_w:
+                h = h * rs[:, None].to(h.dtype)
+            alpha = 1.0
+        else:
+            alpha = float(scale)
+            if want_b:
+                gb.add_(g.sum(0), alpha=alpha)
+            g = g.to(plan.mm_dtype)
+            if want_h:
+                gh_rows = (g @ w_mm).mul_(alpha)
         if want_h:
-            gh_rows = (g @ w_mm).to(hidden.dtype)
+            gh_rows = gh_rows.to(hidden.dtype)
             if isinstance(sel, slice):
                 gh[sel] = gh_rows
             else:
                 gh.index_copy_(0, sel, gh_rows)
         if want_w:
             if g.dtype == acc:
-                gw.addmm_(g.t(), h)
+                gw.addmm_(g.t(), h, alpha=alpha)
             else:
-                gw.add_(g.t() @ h)
+                gw.add_(g.t() @ h, alpha=alpha)
         del g
     gw = None if gw is None else gw.to(weight.dtype)
     gb = None if gb is None else gb.to(bias.dtype)
@@ -411,6 +435,7 @@ def _fused_loss(
     _check_head("hidden", hidden, "weight", weight, "bias", bias)
     lead, h_dim, vocab = hidden.shape[:-1], hidden.shape[-1], weight.shape[0]
     device = hidden.device
+    _check_devices(device, weight=weight, bias=bias, target=target, **teacher_args)
     t = _parse_target(target, lead, vocab, ignore_index)
     teacher = _build_teacher(lead, vocab, device, **teacher_args, min_k=min_k)
     n = math.prod(lead)
