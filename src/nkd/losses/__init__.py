@@ -13,6 +13,7 @@ from ..registry import Registry
 from ._common import value_checks
 from .dist import DISTLoss, dist_loss
 from .dkd import DKDLoss, dkd_loss
+from .fused import FusedLinearKDLoss, FusedLinearNKDLoss, fused_linear_kd_loss, fused_linear_nkd_loss
 from .kd import KDLoss, kd_loss
 from .logit_std import DKDZScoreLoss, KDZScoreLoss, dkd_zscore_loss, kd_zscore_loss, standardize_logits
 from .nkd import NKDLoss, nkd_loss
@@ -57,4 +58,8 @@ __all__ = [
     "DISTLoss",
     "KDZScoreLoss",
     "DKDZScoreLoss",
+    "fused_linear_nkd_loss",
+    "fused_linear_kd_loss",
+    "FusedLinearNKDLoss",
+    "FusedLinearKDLoss",
 ]

@@ -37,6 +37,46 @@ from ._common import (
 __all__ = ["kd_loss", "KDLoss"]
 
 
+def _kd_rows(
+    z: Tensor, u: Tensor, idx: Tensor, valid: Tensor | None, lam: float, need_grad: bool, ce_weight: float = 0.0
+) -> tuple[Tensor, Tensor | None]:
+    r"""Per-row KD loss ``[M]`` and (optionally) its analytic gradient w.r.t. ``z`` ``[M, C]``.
+
+    .. math::
+
+        L_r = \lambda^2\,\mathrm{KL}(T^\lambda \| S^\lambda) + w\,(-\log S_{t}),\qquad
+        \partial L_r/\partial z = \lambda\,(S^\lambda - T^\lambda) + w\,(S - e_t)
+
+    (``w = ce_weight``; the cross-entropy part uses ``idx``; rows where ``valid`` is False are 0,
+    ``valid=None`` means every row counts.) The KL value is the elementwise ``T (log T − log S)``
+    of :func:`kd_loss` (0 where ``T = 0``). Used by the chunked fused-linear losses.
+    """
+    log_s = F.log_softmax(z / lam, dim=-1)
+    log_t = F.log_softmax(u / lam, dim=-1)
+    t = log_t.exp()
+    # T (log T - log S) elementwise, 0 where T == 0 (as kl_terms, with fewer [M, C] buffers)
+    kl = torch.sub(log_t, log_s).mul_(t).masked_fill_(t == 0, 0.0)
+    loss = kl.sum(-1) * lam**2
+    del kl, log_t
+    lse_z = None
+    if ce_weight:
+        col = idx[:, None]
+        lse_z = torch.logsumexp(z, dim=-1, keepdim=True)
+        loss = loss + ce_weight * (lse_z - z.gather(1, col)).squeeze(1)
+    if valid is not None:
+        loss = torch.where(valid, loss, torch.zeros_like(loss))
+    if not need_grad:
+        return loss, None
+    grad = log_s.exp_().sub_(t).mul_(lam)
+    del t
+    if lse_z is not None:
+        grad.add_(torch.sub(z, lse_z).exp_(), alpha=ce_weight)
+        grad.scatter_add_(1, col, torch.full_like(lse_z, -ce_weight))
+    if valid is not None:
+        grad.mul_(valid[:, None])
+    return loss, grad
+
+
 def kd_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,

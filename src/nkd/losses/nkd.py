@@ -62,13 +62,23 @@ from ._common import (
 __all__ = ["nkd_loss", "NKDLoss"]
 
 
-def _nkd_rows(z: Tensor, u: Tensor, idx: Tensor, valid: Tensor, lam: float, gamma: float, need_grad: bool):
-    """Per-row NKD loss ``[M]`` and (optionally) its gradient w.r.t. ``z`` ``[M, C]``."""
+def _nkd_rows(
+    z: Tensor, u: Tensor, idx: Tensor, valid: Tensor | None, lam: float, gamma: float, need_grad: bool, ce_weight: float = 0.0
+):
+    """Per-row NKD loss ``[M]`` and (optionally) its gradient w.r.t. ``z`` ``[M, C]``.
+
+    Rows where ``valid`` is False are 0 (loss and gradient); ``valid=None`` means every row counts.
+
+    ``ce_weight`` w adds ``w·CE = −w·log S_t`` in the same pass: the target term becomes
+    ``−(T_t + w)·log S_t`` with gradient ``(T_t + w)(S − e_t)`` (``T_t`` is a constant).
+    """
     col = idx[:, None]
     lse_z = torch.logsumexp(z, dim=-1, keepdim=True)
     logs_t = z.gather(1, col) - lse_z  # log S_t, stable for any logit range
     lse_u = torch.logsumexp(u, dim=-1, keepdim=True)
     t_t = (u.gather(1, col) - lse_u).exp_()  # T_t (detached by construction)
+    if ce_weight:
+        t_t = t_t + ce_weight  # weight of -log S_t: T_t + w
     loss_t = -(t_t * logs_t)
 
     # Non-target student log-probs at temperature lam: target column -> -inf.
@@ -83,7 +93,8 @@ def _nkd_rows(z: Tensor, u: Tensor, idx: Tensor, valid: Tensor, lam: float, gamm
     zs.scatter_(1, col, 0.0)
     cross = torch.bmm(th.unsqueeze(1), zs.unsqueeze(2)).reshape(-1, 1) - lse_zs
     loss = (loss_t - gamma * lam * lam * cross).squeeze(1)
-    loss = torch.where(valid, loss, torch.zeros_like(loss))
+    if valid is not None:
+        loss = torch.where(valid, loss, torch.zeros_like(loss))
     if not need_grad:
         return loss, None
     # grad = T_t (S - e_t) + gamma*lam (S_hat - T_hat)
@@ -92,7 +103,8 @@ def _nkd_rows(z: Tensor, u: Tensor, idx: Tensor, valid: Tensor, lam: float, gamm
     s_hat = zs.sub_(lse_zs).exp_()
     s_hat.scatter_(1, col, 0.0)
     grad.add_(s_hat.sub_(th), alpha=gamma * lam)
-    grad.mul_(valid[:, None])
+    if valid is not None:
+        grad.mul_(valid[:, None])
     return loss, grad
 
 

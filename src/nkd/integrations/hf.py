@@ -1,0 +1,167 @@
+r"""Hugging Face ``transformers`` causal LMs → the fused token-level losses.
+
+A causal LM computes ``logits = lm_head(h)`` from its final (normed) hidden states ``h``
+``[B, T, H]`` and trains position ``i`` to predict token ``i + 1``. This module takes ``h`` and
+``lm_head`` from the model *without* the full ``[B, T, V]`` logits, applies the same label shift
+as ``transformers``' causal-LM loss, and calls :func:`~nkd.losses.fused_linear_nkd_loss` or
+:func:`~nkd.losses.fused_linear_kd_loss`:
+
+.. math::
+
+    \text{target}_{b,i} = \text{labels}_{b,i+1}\ (i < T-1),\qquad
+    \text{labels} = \text{input\_ids with } -100 \text{ where attention\_mask} = 0
+    \ \text{(when not given)}
+
+and positions whose label is ``-100`` (or whose label token is padding) are left out of the mean.
+
+How the hidden states are obtained: the model is called through its own ``forward`` (so
+``DistributedDataParallel`` and other wrappers see a normal forward pass) with
+``logits_to_keep=1`` — the head runs on one position only — and a forward hook on the model's
+decoder (``get_decoder()``) captures ``last_hidden_state``. Models whose logits are not
+``lm_head(h)`` (final-logit soft-capping, logit scaling) are refused. Not for FSDP/tensor
+parallel heads, whose weights are sharded outside ``forward``.
+
+``transformers`` is imported lazily: ``import nkd`` never needs it (extra ``nkd[lm]``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from ..losses.fused import fused_linear_kd_loss, fused_linear_nkd_loss
+
+__all__ = ["LM_LOSSES", "causal_lm_hidden", "shift_labels", "distillation_loss"]
+
+LM_LOSSES: dict[str, Callable[..., Tensor]] = {"nkd": fused_linear_nkd_loss, "kd": fused_linear_kd_loss}
+
+# config attributes that put something between lm_head(h) and the logits, with their neutral value
+_LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0}
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The ``transformers`` model inside DDP / DataParallel wrappers."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return model
+
+
+def _check_model(name: str, inner: nn.Module) -> tuple[nn.Module, nn.Module]:
+    for attr in ("get_decoder", "get_output_embeddings"):
+        if not callable(getattr(inner, attr, None)):
+            raise TypeError(f"{name} must be a transformers causal LM (it has no {attr}()), got {type(inner).__name__}")
+    head = inner.get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        raise TypeError(f"{name}'s output embeddings must be an nn.Linear LM head, got {type(head).__name__}")
+    config = getattr(inner, "config", None)
+    for attr, neutral in _LOGIT_TRANSFORMS.items():
+        value = getattr(config, attr, neutral)
+        if value is not None and value != neutral:
+            raise ValueError(
+                f"{name}'s config sets {attr}={value!r}: its logits are not lm_head(hidden), which the fused losses assume"
+            )
+    return inner.get_decoder(), head
+
+
+def causal_lm_hidden(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None, **forward_kwargs
+) -> tuple[Tensor, nn.Linear]:
+    """Final hidden states ``[B, T, H]`` of a causal LM and its LM head, without the full logits.
+
+    ``model`` may be wrapped (DDP); it is called through its own forward with
+    ``logits_to_keep=1`` and ``use_cache=False``; extra keyword arguments go to that forward.
+    """
+    inner = _unwrap(model)
+    decoder, head = _check_model("model", inner)
+    captured: list[Tensor] = []
+
+    def hook(_module, _args, output):
+        captured.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
+
+    kwargs = dict(forward_kwargs)
+    params = inspect.signature(inner.forward).parameters
+    if "logits_to_keep" in params:
+        kwargs.setdefault("logits_to_keep", 1)
+    else:
+        warnings.warn(
+            f"{type(inner).__name__}.forward has no logits_to_keep: its full logits are computed (and dropped)", stacklevel=2
+        )
+    if "use_cache" in params:
+        kwargs.setdefault("use_cache", False)
+    handle = decoder.register_forward_hook(hook)
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    finally:
+        handle.remove()
+    if not captured:
+        raise RuntimeError(f"{type(inner).__name__}.get_decoder() was not called by its forward; cannot capture the hidden states")
+    return captured[-1], head
+
+
+def shift_labels(input_ids: Tensor, attention_mask: Tensor | None = None, labels: Tensor | None = None, ignore_index: int = -100) -> Tensor:
+    """Next-token targets ``[B, T-1]``: ``labels[:, 1:]`` (``input_ids`` when ``labels`` is None),
+    with ``ignore_index`` where the label token is padding (``attention_mask == 0``)."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must have shape [B, T], got {tuple(input_ids.shape)}")
+    labels = input_ids if labels is None else labels
+    if labels.shape != input_ids.shape:
+        raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+    target = labels[:, 1:]
+    if attention_mask is not None:
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}"
+            )
+        target = target.masked_fill(attention_mask[:, 1:] == 0, ignore_index)
+    return target
+
+
+def distillation_loss(
+    student: nn.Module,
+    teacher: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    labels: Tensor | None = None,
+    method: str = "nkd",
+    *,
+    num_items_in_batch: Tensor | int | None = None,
+    ignore_index: int = -100,
+    **loss_kwargs,
+) -> Tensor:
+    """Token-level distillation loss of ``student`` to ``teacher`` on one batch.
+
+    The teacher runs under ``torch.no_grad()`` (put it in ``eval()`` mode yourself); both models
+    must share the vocabulary (their heads may differ in width). ``method`` is ``"nkd"`` or
+    ``"kd"``; ``loss_kwargs`` go to the loss (``temperature``, ``gamma``, ``ce_weight``,
+    ``chunk_size``...). The result is the mean over the valid next-token positions, or — when
+    ``num_items_in_batch`` is given, as ``transformers.Trainer`` passes it — their sum divided by
+    it (the Trainer's normalization for gradient accumulation).
+    """
+    if method not in LM_LOSSES:
+        raise ValueError(f"method must be one of {sorted(LM_LOSSES)}, got {method!r}")
+    if "reduction" in loss_kwargs:
+        raise ValueError("reduction is set by distillation_loss (mean, or sum / num_items_in_batch)")
+    target = shift_labels(input_ids, attention_mask, labels, ignore_index)
+    hidden, head = causal_lm_hidden(student, input_ids, attention_mask)
+    with torch.no_grad():
+        t_hidden, t_head = causal_lm_hidden(teacher, input_ids, attention_mask)
+    reduction = "mean" if num_items_in_batch is None else "sum"
+    loss = LM_LOSSES[method](
+        hidden[:, :-1],
+        head.weight,
+        t_hidden[:, :-1],
+        t_head.weight,
+        target,
+        bias=head.bias,
+        teacher_bias=t_head.bias,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        **loss_kwargs,
+    )
+    if num_items_in_batch is not None:
+        loss = loss / num_items_in_batch
+    return loss
