@@ -78,6 +78,9 @@ def test_every_method_trains_end_to_end(method, tmp_path):
     assert all(0 <= r["top1"] <= 100 and r["loss"] > 0 for r in rows)
     assert summary["best_top1"] == max(r["top1"] for r in rows)
     assert (run / "checkpoints" / "last.pt").is_file() and (run / "config.yaml").is_file()
+    parts = {"nkd": ("nkd_target", "nkd_non_target"), "uskd": ("uskd_target", "uskd_non_target", "uskd_weak")}
+    for r in rows if method in parts else []:  # the logged parts of the loss add up to it
+        assert r[f"loss_{method}"] == pytest.approx(sum(r[k] for k in parts[method]), rel=1e-5)
     ck = load_checkpoint(run / "checkpoints" / "last.pt")
     assert ck["epoch"] == 1 and ck["global_step"] == 6
     has_head = any(k.startswith("head.") for k in ck["trainable"])

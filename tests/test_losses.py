@@ -466,6 +466,23 @@ def test_value_checks_can_be_switched_off_for_validated_hot_loops():
         nkd_loss(z, u, bad)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_nkd_parts_are_its_two_terms_and_sum_to_the_loss(reduction):
+    z, u = rand(12, 7, grad=True), rand(12, 7, seed=1)
+    t = labels(12, 7)
+    t[3] = -100
+    kw = dict(temperature=2.0, gamma=1.5, reduction=reduction)
+    loss, parts = nkd_loss(z, u, t, return_parts=True, **kw)
+    torch.testing.assert_close(loss, nkd_loss(z, u, t, **kw))
+    if reduction == "none":  # per row, bitwise
+        assert torch.equal(parts["target"] + parts["non_target"], loss.detach())
+    torch.testing.assert_close(parts["target"] + parts["non_target"], loss.detach())
+    torch.testing.assert_close(parts["target"], nkd_loss(z, u, t, **{**kw, "gamma": 0.0}).detach())
+    torch.testing.assert_close(parts["non_target"], (loss - nkd_loss(z, u, t, **{**kw, "gamma": 0.0})).detach())
+    assert not any(v.requires_grad for v in parts.values())
+    assert float(parts["non_target"].sum()) > 0  # a cross-entropy over the non-targets
+
+
 @pytest.mark.parametrize("soft", [False, True])
 def test_uskd_parts_are_its_weighted_terms_and_sum_to_the_loss(soft):
     z, w = rand(12, 7, grad=True), rand(12, 7, seed=1)

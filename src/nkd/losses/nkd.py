@@ -63,11 +63,14 @@ __all__ = ["nkd_loss", "NKDLoss"]
 
 
 def _nkd_rows(
-    z: Tensor, u: Tensor, idx: Tensor, valid: Tensor | None, lam: float, gamma: float, need_grad: bool, ce_weight: float = 0.0
+    z: Tensor, u: Tensor, idx: Tensor, valid: Tensor | None, lam: float, gamma: float, need_grad: bool,
+    ce_weight: float = 0.0, parts: dict[str, Tensor] | None = None,
 ):
     """Per-row NKD loss ``[M]`` and (optionally) its gradient w.r.t. ``z`` ``[M, C]``.
 
     Rows where ``valid`` is False are 0 (loss and gradient); ``valid=None`` means every row counts.
+    A ``parts`` dict receives the per-row ``"target"`` (``L_t``) and ``"non_target"`` (``L_non``)
+    terms; ``target + non_target`` is bitwise the returned loss.
 
     ``ce_weight`` w adds ``w·CE = −w·log S_t`` in the same pass: the target term becomes
     ``−(T_t + w)·log S_t`` with gradient ``(T_t + w)(S − e_t)`` (``T_t`` is a constant).
@@ -92,9 +95,13 @@ def _nkd_rows(
     # sum_i T_hat_i log S_hat_i = sum_i T_hat_i zs_i - lse_zs (sum T_hat = 1); zero the -inf first.
     zs.scatter_(1, col, 0.0)
     cross = torch.bmm(th.unsqueeze(1), zs.unsqueeze(2)).reshape(-1, 1) - lse_zs
-    loss = (loss_t - gamma * lam * lam * cross).squeeze(1)
+    non = gamma * lam * lam * cross
+    loss = (loss_t - non).squeeze(1)
     if valid is not None:
         loss = torch.where(valid, loss, torch.zeros_like(loss))
+    if parts is not None:
+        for key, val in (("target", loss_t.squeeze(1)), ("non_target", non.neg().squeeze(1))):
+            parts[key] = val if valid is None else torch.where(valid, val, torch.zeros_like(val))
     if not need_grad:
         return loss, None
     # grad = T_t (S - e_t) + gamma*lam (S_hat - T_hat)
@@ -117,7 +124,8 @@ def nkd_loss(
     gamma: float = 1.5,
     reduction: str = "mean",
     ignore_index: int = -100,
-) -> Tensor:
+    return_parts: bool = False,
+) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
     """Normalized KD loss ``L_t + L_non`` per row, then ``reduction`` (the CE term is not included).
 
     Per row with target ``t``, student logits ``z`` and teacher logits ``u``::
@@ -148,10 +156,13 @@ def nkd_loss(
             ``"none"`` (per-row values, shape ``[...]``, 0 on ignored rows).
         ignore_index: hard-label value whose rows are left out of the loss and of the mean
             (default -100).
+        return_parts: also return the detached, reduced parts ``{"target": L_t,
+            "non_target": L_non}`` (they sum to the loss), for logging.
 
     Returns:
         The loss, float32 (float64 for float64 input): a scalar, or ``[...]`` for
-        ``reduction="none"``. Sources and published numbers: docs/methods.md, section NKD.
+        ``reduction="none"``; with ``return_parts``, ``(loss, parts)``. Sources and published
+        numbers: docs/methods.md, section NKD.
     """
     check_pair(student_logits, teacher_logits)
     check_positive("temperature", temperature)
@@ -164,9 +175,14 @@ def nkd_loss(
         u = teacher_logits.detach().reshape(z.shape).to(dtype)
         need_grad = torch.is_grad_enabled() and z.requires_grad
         with torch.no_grad():
-            loss, grad = _nkd_rows(z.detach(), u, rows.index, rows.valid, float(temperature), float(gamma), need_grad)
+            parts: dict[str, Tensor] | None = {} if return_parts else None
+            loss, grad = _nkd_rows(z.detach(), u, rows.index, rows.valid, float(temperature), float(gamma), need_grad,
+                                   parts=parts)
         per_row = row_loss_with_grad(loss, z, grad)
-        return reduce_rows(per_row, rows.valid, reduction, rows.lead_shape)
+        out = reduce_rows(per_row, rows.valid, reduction, rows.lead_shape)
+        if parts is None:
+            return out
+        return out, {k: reduce_rows(v, rows.valid, reduction, rows.lead_shape) for k, v in parts.items()}
 
 
 class NKDLoss(nn.Module):

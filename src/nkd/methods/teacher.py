@@ -91,6 +91,8 @@ class NKDMethod(Method):
     teacher_outputs = ("logits",)
 
     def losses(self, out, teacher, target, epoch):
+        """``loss_ce``, ``loss_nkd``; logged only: its parts ``nkd_target`` (L_t) and ``nkd_non_target``
+        (L_non, whose minimum is γλ²·H(T̂), not 0)."""
         z, p = out["logits"], self.p
-        return {"loss_ce": p.ce_weight * ce(z, target),
-                "loss_nkd": nkd_loss(z, teacher["logits"], target, temperature=p.temperature, gamma=p.gamma)}
+        loss, parts = nkd_loss(z, teacher["logits"], target, temperature=p.temperature, gamma=p.gamma, return_parts=True)
+        return {"loss_ce": p.ce_weight * ce(z, target), "loss_nkd": loss, **{f"nkd_{k}": v for k, v in parts.items()}}
