@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import tensors
 from nkd.losses import (
     FusedLinearKDLoss,
     FusedLinearNKDLoss,
@@ -21,13 +22,11 @@ from nkd.losses import (
     value_checks,
 )
 from nkd.losses.fused import default_chunk_size
-
-D = torch.float64
+from tensors import D
 
 
 def rand(*shape, seed=0, scale=1.0, dtype=D, grad=False):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype).requires_grad_(grad)
+    return tensors.rand(*shape, seed=seed, scale=scale, dtype=dtype, grad=grad)
 
 
 def labels(shape, v, seed=0, ignore=()):

@@ -22,34 +22,7 @@ from nkd.losses import (
     zipf_ls_loss,
 )
 from reference_losses import ref_dkd, ref_kd, ref_nkd, ref_uskd
-
-D = torch.float64
-
-
-def rand(*shape, scale=3.0, seed=0, dtype=D, grad=False):
-    g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
-    return x.requires_grad_(grad)
-
-
-def labels(n, c, seed=0):
-    return torch.randint(0, c, (n,), generator=torch.Generator().manual_seed(seed))
-
-
-def mixed(n, c, seed=0, lam=0.7):
-    """mixup-style soft labels: lam·onehot(a) + (1-lam)·onehot(b), some rows one-hot."""
-    a, b = labels(n, c, seed), labels(n, c, seed + 1)
-    y = torch.zeros(n, c, dtype=D)
-    y[torch.arange(n), a] += lam
-    y[torch.arange(n), b] += 1 - lam
-    return y
-
-
-def grad_of(fn, *xs):
-    for x in xs:
-        x.grad = None
-    fn().backward()
-    return [x.grad.clone() for x in xs]
+from tensors import D, grad_of, labels, mixed, rand
 
 
 # ----------------------------------------------------------------------------- exactness

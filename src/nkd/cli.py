@@ -166,7 +166,7 @@ def _export_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="output file (default RUN_DIR/student.safetensors)")
 
 
-@command("demo", "train a teacher and KD/self-KD students on built-in real data (a few minutes on 2 cores)")
+@command("demo", "train a teacher and KD/self-KD students on built-in real data (about a minute on 2 cores)")
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 

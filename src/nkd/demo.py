@@ -1,4 +1,4 @@
-"""``nkd demo``: NKD and USKD on real data in a few minutes on 2 cores, nothing to download.
+"""``nkd demo``: NKD and USKD on real data in about a minute on 2 cores, nothing to download.
 
 Data: scikit-learn's handwritten digits (1,797 real 8×8 scans; it ships inside the package),
 a fixed stratified split (1,347 train / 450 test) of which a 200-image training subset is used
