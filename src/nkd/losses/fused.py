@@ -552,7 +552,27 @@ def fused_linear_kd_loss(
     rows (and for the cross-entropy, which needs it). The default temperature is 1 (forward KL,
     the usual choice for language models), not :func:`~nkd.losses.kd_loss`'s 4.
 
-    Arguments as :func:`fused_linear_nkd_loss` (``topk_rest="zero"`` works with any ``k ≥ 1``).
+    Per token with teacher/student softmax ``T^λ``/``S^λ`` at temperature λ and ``w = ce_weight``::
+
+        L = λ²·Σ_i T^λ_i (log T^λ_i − log S^λ_i) − w·log S_t,   ∂L/∂z = λ(S^λ − T^λ) + w(S − e_t)
+
+    Args:
+        hidden: student's last hidden states ``[..., H]``.  weight: student LM head ``[V, H]``.
+        teacher_hidden, teacher_weight: teacher hidden states ``[..., H_t]`` and head ``[V, H_t]``
+            (constants: detached).
+        target: int64 next-token ids ``[...]``; optional unless ``ce_weight > 0``; ``ignore_index``
+            rows are left out.
+        temperature: λ > 0 (default 1.0).  ce_weight: w ≥ 0 (default 0: KD alone).
+        bias, teacher_bias: optional head biases ``[V]``.
+        teacher_logits: precomputed teacher logits ``[..., V]`` instead of hidden + head.
+        teacher_topk: ``(ids, logprobs)`` ``[..., k]``, a sparse teacher; ``topk_rest`` in
+            ``{"zero", "uniform"}`` says where the mass outside the top-k goes (any ``k ≥ 1``).
+        ignore_index: label value whose rows are left out.
+        reduction: ``"mean"`` over non-ignored rows, ``"sum"``, or ``"none"`` (``[...]``).
+        chunk_size: rows per chunk; ``None`` → :func:`default_chunk_size`.
+
+    Returns:
+        The loss in float32 (float64 for float64 input); 0 when no row is valid.
     """
     check_positive("temperature", temperature)
     check_nonnegative("ce_weight", ce_weight)
@@ -575,10 +595,20 @@ def _kd_rows_fn(z, u, idx, valid, need_grad, *, lam, ce_weight):
 
 
 class FusedLinearNKDLoss(nn.Module):
-    """Module form of :func:`fused_linear_nkd_loss`.
+    """Module form of :func:`fused_linear_nkd_loss`: token-level ``NKD + w·CE`` on
+    ``hidden @ weight.T``, chunked, with fixed hyper-parameters (no parameters are learned).
 
-    ``forward(hidden, weight, teacher_hidden=None, teacher_weight=None, target=None, **teacher)``
-    where ``teacher`` holds ``bias``, ``teacher_bias``, ``teacher_logits`` or ``teacher_topk``.
+    Per token: ``−(T_t + w)·log S_t − γλ²·Σ_{i≠t} T̂_i log Ŝ_i``.
+
+    Args:
+        temperature: λ > 0 of the non-target term (default 1.0).
+        gamma: γ ≥ 0, weight of the non-target term (default 1.5).
+        ce_weight: w ≥ 0, weight of the student's cross-entropy computed in the same pass
+            (default 0; NKD's usual objective is ``ce_weight=1.0``).
+        topk_rest: ``"zero"`` or ``"uniform"``: the mass outside a sparse top-k teacher.
+        ignore_index: label value whose rows are left out (default -100).
+        reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``.
+        chunk_size: rows per chunk; ``None`` → :func:`default_chunk_size`.
     """
 
     def __init__(
@@ -600,6 +630,10 @@ class FusedLinearNKDLoss(nn.Module):
         self.topk_rest, self.ignore_index, self.reduction, self.chunk_size = topk_rest, ignore_index, reduction, chunk_size
 
     def forward(self, hidden, weight, teacher_hidden=None, teacher_weight=None, target=None, **teacher) -> Tensor:
+        """The loss of the student (``hidden`` ``[..., H]``, LM head ``weight`` ``[V, H]``) against the
+        teacher (``teacher_hidden`` ``[..., H_t]`` + ``teacher_weight`` ``[V, H_t]``, or, in
+        ``teacher``, ``teacher_logits`` / ``teacher_topk``; ``bias`` and ``teacher_bias`` go there
+        too) for the next-token ids ``target`` ``[...]``."""
         return fused_linear_nkd_loss(
             hidden, weight, teacher_hidden, teacher_weight, target, temperature=self.temperature, gamma=self.gamma,
             ce_weight=self.ce_weight, topk_rest=self.topk_rest, ignore_index=self.ignore_index,
@@ -611,7 +645,17 @@ class FusedLinearNKDLoss(nn.Module):
 
 
 class FusedLinearKDLoss(nn.Module):
-    """Module form of :func:`fused_linear_kd_loss`; ``forward`` as :class:`FusedLinearNKDLoss`."""
+    """Module form of :func:`fused_linear_kd_loss`: token-level ``λ²·KL(T^λ ‖ S^λ) + w·CE`` on
+    ``hidden @ weight.T``, chunked, with fixed hyper-parameters (no parameters are learned).
+
+    Args:
+        temperature: λ > 0 (default 1.0, forward KL).
+        ce_weight: w ≥ 0, weight of the student's cross-entropy computed in the same pass (default 0).
+        topk_rest: ``"zero"`` or ``"uniform"``: the mass outside a sparse top-k teacher.
+        ignore_index: label value whose rows are left out (default -100).
+        reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``.
+        chunk_size: rows per chunk; ``None`` → :func:`default_chunk_size`.
+    """
 
     def __init__(
         self,
@@ -630,6 +674,10 @@ class FusedLinearKDLoss(nn.Module):
         self.topk_rest, self.ignore_index, self.reduction, self.chunk_size = topk_rest, ignore_index, reduction, chunk_size
 
     def forward(self, hidden, weight, teacher_hidden=None, teacher_weight=None, target=None, **teacher) -> Tensor:
+        """The loss of the student (``hidden`` ``[..., H]``, LM head ``weight`` ``[V, H]``) against the
+        teacher (``teacher_hidden`` ``[..., H_t]`` + ``teacher_weight`` ``[V, H_t]``, or, in
+        ``teacher``, ``teacher_logits`` / ``teacher_topk``; ``bias`` and ``teacher_bias`` go there
+        too) for the next-token ids ``target`` ``[...]``."""
         return fused_linear_kd_loss(
             hidden, weight, teacher_hidden, teacher_weight, target, temperature=self.temperature,
             ce_weight=self.ce_weight, topk_rest=self.topk_rest, ignore_index=self.ignore_index,
