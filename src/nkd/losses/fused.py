@@ -54,7 +54,9 @@ Teacher tensors are treated as constants: they are detached, whether or not they
 Precision: logits are formed by the matmul in the inputs' dtype (the autocast dtype under
 autocast, as ``F.linear`` would) and the loss maths runs in float32 (float64 stays float64);
 ``∂L/∂W`` and ``∂L/∂b`` are accumulated over chunks in float32 (float64), and every gradient
-comes back in its input's dtype.
+comes back in its input's dtype. float16 gradients are held in float32 until backward has applied
+the incoming gradient, so a loss scale (``GradScaler``'s 2**16) neither overflows nor underflows
+them. The losses are once differentiable: backward with ``create_graph=True`` raises.
 
 Hard integer labels only (``target`` ``[...]``, ``ignore_index`` rows left out of the mean). The
 default ``chunk_size`` keeps one ``[chunk, V]`` float32 buffer near 32 MiB:
@@ -325,11 +327,18 @@ class _Plan:
     reduction: str
 
 
+def _grad_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype a gradient is held in until backward: float16 (max 65504, normal down to 6e-5) cannot
+    hold a ``1/N``-scaled gradient nor an upstream loss scale, so its gradients stay float32."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
 def _chunk_pass(plan: _Plan, hidden: Tensor, weight: Tensor, bias: Tensor | None, scale, want: tuple[bool, bool, bool]):
     """Run every chunk: per-row losses ``[N]`` and the gradients scaled by ``scale``
     (``∂L/∂h = s·(G W)``, ``∂L/∂W += Gᵀ (s·h)``, ``∂L/∂b += sᵀ G``, so ``G`` itself is never scaled).
 
     ``scale`` is a float (mean/sum) or a ``[N]`` tensor (per-row weights, for reduction "none").
+    The gradients come back in :func:`_grad_dtype` of their inputs' dtypes (the caller casts).
     """
     n, v = hidden.shape[0], weight.shape[0]
     want_h, want_w, want_b = want
@@ -338,7 +347,7 @@ def _chunk_pass(plan: _Plan, hidden: Tensor, weight: Tensor, bias: Tensor | None
     w_mm = weight.to(plan.mm_dtype)
     b_mm = None if bias is None else bias.to(plan.mm_dtype)
     per_row = torch.zeros(n, dtype=plan.cdtype, device=hidden.device)
-    gh = torch.zeros_like(hidden) if want_h else None
+    gh = torch.zeros(hidden.shape, dtype=_grad_dtype(hidden.dtype), device=hidden.device) if want_h else None
     gw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_w else None
     gb = torch.zeros(v, dtype=acc, device=weight.device) if want_b else None
     for sel in plan.chunks:
@@ -361,7 +370,7 @@ def _chunk_pass(plan: _Plan, hidden: Tensor, weight: Tensor, bias: Tensor | None
                 gb.add_(rs @ g)
             g = g.to(plan.mm_dtype)
             if want_h:
-                gh_rows = (g @ w_mm).mul_(rs[:, None].to(plan.mm_dtype))
+                gh_rows = (g @ w_mm).to(gh.dtype).mul_(rs[:, None].to(gh.dtype))
             if want_w:
                 h = h * rs[:, None].to(h.dtype)
             alpha = 1.0
@@ -371,9 +380,8 @@ def _chunk_pass(plan: _Plan, hidden: Tensor, weight: Tensor, bias: Tensor | None
                 gb.add_(g.sum(0), alpha=alpha)
             g = g.to(plan.mm_dtype)
             if want_h:
-                gh_rows = (g @ w_mm).mul_(alpha)
+                gh_rows = (g @ w_mm).to(gh.dtype).mul_(alpha)  # 1/N applied outside float16
         if want_h:
-            gh_rows = gh_rows.to(hidden.dtype)
             if isinstance(sel, slice):
                 gh[sel] = gh_rows
             else:
@@ -384,8 +392,8 @@ def _chunk_pass(plan: _Plan, hidden: Tensor, weight: Tensor, bias: Tensor | None
             else:
                 gw.add_(g.t() @ h, alpha=alpha)
         del g
-    gw = None if gw is None else gw.to(weight.dtype)
-    gb = None if gb is None else gb.to(bias.dtype)
+    gw = None if gw is None else gw.to(_grad_dtype(weight.dtype))
+    gb = None if gb is None else gb.to(_grad_dtype(bias.dtype))
     return per_row, gh, gw, gb
 
 
@@ -396,6 +404,7 @@ class _FusedLinearLossFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, plan: _Plan, want: tuple[bool, bool, bool]):  # noqa: D102
         ctx.plan, ctx.want = plan, want
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         if plan.reduction == "none":
             per_row, *_ = _chunk_pass(plan, hidden, weight, bias, 1.0, (False, False, False))
             ctx.save_for_backward(hidden, weight, bias)
@@ -406,14 +415,20 @@ class _FusedLinearLossFn(torch.autograd.Function):
         return per_row.sum() / denom
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, g: Tensor):  # noqa: D102
+        if torch.is_grad_enabled():
+            # create_graph=True: the gradients below have no graph of their own, so a gradient penalty
+            # would silently add nothing (once_differentiable only guards an incoming g requiring grad)
+            raise RuntimeError(
+                "the fused LM losses are once differentiable: backward with create_graph=True (double backward, "
+                "gradient penalties) is not supported; use nkd_loss / kd_loss on materialized logits for that"
+            )
         if ctx.plan.reduction == "none":
             hidden, weight, bias = ctx.saved_tensors
-            _, gh, gw, gb = _chunk_pass(ctx.plan, hidden, weight, bias, g, ctx.want)
-            return gh, gw, gb, None, None
-        gh, gw, gb = ctx.saved_tensors
-        return tuple(None if x is None else x * g.to(x.dtype) for x in (gh, gw, gb)) + (None, None)
+            _, *grads = _chunk_pass(ctx.plan, hidden, weight, bias, g, ctx.want)
+        else:
+            grads = [None if x is None else x * g.to(x.dtype) for x in ctx.saved_tensors]
+        return tuple(None if x is None else x.to(dt) for x, dt in zip(grads, ctx.dtypes)) + (None, None)
 
 
 def _fused_loss(
@@ -432,6 +447,8 @@ def _fused_loss(
     check_reduction(reduction)
     check_ignore_index(ignore_index)
     _check_chunk_size(chunk_size)
+    if teacher_args["topk_rest"] not in TOPK_REST:
+        raise ValueError(f"topk_rest must be one of {TOPK_REST}, got {teacher_args['topk_rest']!r}")
     _check_head("hidden", hidden, "weight", weight, "bias", bias)
     lead, h_dim, vocab = hidden.shape[:-1], hidden.shape[-1], weight.shape[0]
     device = hidden.device
