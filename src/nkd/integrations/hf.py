@@ -18,8 +18,9 @@ How the hidden states are obtained: the model is called through its own ``forwar
 ``DistributedDataParallel`` and other wrappers see a normal forward pass) with
 ``logits_to_keep=1`` — the head runs on one position only — and a forward hook on the model's
 decoder (``get_decoder()``) captures ``last_hidden_state``. Models whose logits are not
-``lm_head(h)`` (final-logit soft-capping, logit scaling) are refused. Not for FSDP/tensor
-parallel heads, whose weights are sharded outside ``forward``.
+``lm_head(h)`` (final-logit soft-capping, logit scaling or multipliers, in the config or its text
+config) are refused. Not for FSDP/tensor parallel heads, whose weights are sharded outside
+``forward``.
 
 ``transformers`` is imported lazily: ``import nkd`` never needs it (extra ``nkd[lm]``).
 """
@@ -40,7 +41,15 @@ __all__ = ["LM_LOSSES", "causal_lm_hidden", "shift_labels", "distillation_loss"]
 LM_LOSSES: dict[str, Callable[..., Tensor]] = {"nkd": fused_linear_nkd_loss, "kd": fused_linear_kd_loss}
 
 # config attributes that put something between lm_head(h) and the logits, with their neutral value
-_LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0}
+_LOGIT_TRANSFORMS = {
+    "final_logit_softcapping": None,
+    "logit_softcapping": None,
+    "logit_scale": 1.0,
+    "logits_scaling": 1.0,
+    "lm_head_multiplier": 1.0,  # Falcon-H1
+    "logits_mup_width_multiplier": 1.0,  # hidden divided by it before the head
+    "output_multiplier": 1.0,
+}
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -58,12 +67,15 @@ def _check_model(name: str, inner: nn.Module) -> tuple[nn.Module, nn.Module]:
     if not isinstance(head, nn.Linear):
         raise TypeError(f"{name}'s output embeddings must be an nn.Linear LM head, got {type(head).__name__}")
     config = getattr(inner, "config", None)
-    for attr, neutral in _LOGIT_TRANSFORMS.items():
-        value = getattr(config, attr, neutral)
-        if value is not None and value != neutral:
-            raise ValueError(
-                f"{name}'s config sets {attr}={value!r}: its logits are not lm_head(hidden), which the fused losses assume"
-            )
+    # multimodal models keep their language model's settings in a sub-config (get_text_config())
+    configs = [config] + [getattr(config, sub) for sub in ("text_config", "decoder", "generator") if getattr(config, sub, None) is not None]
+    for cfg in configs:
+        for attr, neutral in _LOGIT_TRANSFORMS.items():
+            value = getattr(cfg, attr, neutral)
+            if value is not None and value != neutral:
+                raise ValueError(
+                    f"{name}'s config sets {attr}={value!r}: its logits are not lm_head(hidden), which the fused losses assume"
+                )
     return inner.get_decoder(), head
 
 
@@ -146,6 +158,8 @@ def distillation_loss(
     if "reduction" in loss_kwargs:
         raise ValueError("reduction is set by distillation_loss (mean, or sum / num_items_in_batch)")
     target = shift_labels(input_ids, attention_mask, labels, ignore_index)
+    _check_model("student", _unwrap(student))
+    _check_model("teacher", _unwrap(teacher))
     hidden, head = causal_lm_hidden(student, input_ids, attention_mask)
     with torch.no_grad():
         t_hidden, t_head = causal_lm_hidden(teacher, input_ids, attention_mask)
@@ -163,5 +177,7 @@ def distillation_loss(
         **loss_kwargs,
     )
     if num_items_in_batch is not None:
-        loss = loss / num_items_in_batch
+        # 0 when no position of the whole (accumulated) batch is valid: the sum is 0 then, and 0/0 would be NaN
+        n = num_items_in_batch.clamp(min=1) if isinstance(num_items_in_batch, Tensor) else max(num_items_in_batch, 1)
+        loss = loss / n
     return loss
