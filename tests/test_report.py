@@ -167,6 +167,17 @@ def test_baseline_must_match_exactly_one_row(tmp_path, capsys):
         collect([runs], baseline="uskd")
 
 
+def test_baseline_matches_whole_words_so_kd_is_not_found_inside_nkd(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    make_run(runs, "kd", method="kd", teacher="resnet56", params=KD, curve=(55.0,), data=CIFAR10)
+    make_run(runs, "nkd", method="nkd", teacher="resnet56", curve=(58.0,), data=CIFAR10)
+    assert cli_main(["report", str(runs), "--out", str(tmp_path / "rep"), "--baseline", "kd resnet20"]) == 0
+    md = capsys.readouterr().out
+    assert row_of(md, "kd resnet20 ← resnet56")[4] == "ref" and row_of(md, "nkd resnet20 ← resnet56")[4] == "+3.00 (n=1)"
+    with pytest.raises(ReportError, match="matches no row"):
+        collect([runs], baseline="resnet2")  # a part of a word is not a match
+
+
 def test_methods_in_method_order_unknown_methods_last(tmp_path):
     runs = tmp_path / "runs"
     for m in ("zzz_new", "uskd", "nkd", "kd", "ce", "aaa_new"):

@@ -253,7 +253,7 @@ def _report_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="report", help="output directory (default report)")
     p.add_argument("--title", default="nkd report")
     p.add_argument("--baseline", metavar="TEXT",
-                   help="reference row of the paired differences: a row name or label, or a substring matching exactly "
+                   help="reference row of the paired differences: a row name or label, or whole words of one matching exactly "
                         "one row per table (default: each table's first row)")
 
 

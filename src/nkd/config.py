@@ -179,7 +179,8 @@ class Config:
                                   "(control)`); runs with the same label and settings are seeds of one row")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    teacher: ModelConfig | None = field(default=None, metadata={"doc": "the frozen teacher (methods kd, dkd, nkd)"})
+    teacher: ModelConfig | None = field(default=None, metadata={
+        "doc": "the frozen teacher (required by the distillation methods kd, dkd, nkd, dist, kd_zscore, dkd_zscore)"})
     method: MethodConfig = field(default_factory=MethodConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)

@@ -37,14 +37,16 @@ def run_demo(out: str | Path = "demo_out", seeds: tuple[int, ...] = (0, 1, 2), e
     t0 = time.perf_counter()
     base = [*BASE, f"schedule.epochs={epochs}"]
     teacher_dir = runs / "teacher"
-    teacher_job = (None, [*base, f"model.name={TEACHER}", "method.name=ce", f"output_dir={teacher_dir}"])
+    # fixed thread counts (teacher 2, students 1): CPU results depend on them, so the table is the
+    # same on any machine and under any OMP_NUM_THREADS
+    teacher_job = (None, [*base, f"model.name={TEACHER}", "method.name=ce", f"output_dir={teacher_dir}", "train.threads=2"])
     teacher = f"teacher={{name: {TEACHER}, num_classes: 10, checkpoint: {teacher_dir / 'checkpoints' / 'best.pt'}}}"
     jobs, groups = [], []
     for s in seeds:
         for family in (TEACHER_METHODS, SELF_KD_METHODS):
             groups.append([])
             for method in family:
-                ov = [*base, f"model.name={STUDENT}", f"method.name={method}", f"seed={s}",
+                ov = [*base, f"model.name={STUDENT}", f"method.name={method}", f"seed={s}", "train.threads=1",
                       f"output_dir={runs / method / f'seed{s}'}", *METHOD_PARAMS.get(method, [])]
                 if method == "dkd":
                     ov.append(f"method.params.warmup_epochs={min(5, epochs)}")

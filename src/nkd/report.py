@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 import textwrap
 from dataclasses import dataclass, field
@@ -234,7 +235,9 @@ def _pick_reference(groups: list[Group], baseline: str | None, heading: str) -> 
     if baseline is None:
         return groups[0]
     exact = [g for g in groups if g.name == baseline or g.label == baseline]
-    hits = exact or [g for g in groups if baseline.lower() in g.name.lower()]
+    # otherwise whole words, any case: "kd resnet8x4" is in "kd resnet8x4 ← resnet32x4", not in "nkd resnet8x4 ..."
+    words = re.compile(rf"(?<!\w){re.escape(baseline)}(?!\w)", re.IGNORECASE)
+    hits = exact or [g for g in groups if words.search(g.name)]
     if len(hits) != 1:
         rows = "; ".join(g.name for g in (hits or groups))
         what = f"matches {len(hits)} rows" if hits else "matches no row"
@@ -246,8 +249,8 @@ def _pick_reference(groups: list[Group], baseline: str | None, heading: str) -> 
 def collect(paths: list[str | Path], baseline: str | None = None) -> list[Table]:
     """Read the runs under ``paths`` into one :class:`Table` per data setting (see the module doc).
 
-    ``baseline``: a row name or label, or a case-insensitive substring of one, that must match
-    exactly one row of every table (an exact match wins over substring matches); it becomes the
+    ``baseline``: a row name or label, or a case-insensitive part of one made of whole words, that
+    must match exactly one row of every table (an exact match wins over partial ones); it becomes the
     reference of the paired differences. Default: each table's first row. ReportError otherwise.
     """
     groups: dict[str, Group] = {}
