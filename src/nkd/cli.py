@@ -282,9 +282,11 @@ def main(argv: list[str] | None = None) -> int:
         args, extra = parser.parse_known_args(argv)
     except SystemExit as e:  # argparse already printed the usage error
         return int(e.code or 0)
-    # key=value overrides may also follow options (nkd train CONFIG --resume optim.lr=0.1)
-    if extra and hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
-        args.overrides = [*args.overrides, *extra]
+    # key=value overrides may also follow options (nkd train CONFIG --resume optim.lr=0.1,
+    # nkd sweep A.yaml B.yaml --seeds 0,1 optim.lr=0.1)
+    slot = next((name for name in ("overrides", "items") if hasattr(args, name)), None)
+    if extra and slot and all("=" in x and not x.startswith("-") for x in extra):
+        setattr(args, slot, [*getattr(args, slot), *extra])
     elif extra:
         return _bad_input(f"unrecognized arguments: {' '.join(extra)}")
     try:
