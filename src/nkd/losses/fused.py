@@ -279,8 +279,6 @@ def _build_teacher(
             )
         _check_lead("teacher_logits", teacher_logits, lead, "teacher_logits [..., V]")
         return _DenseTeacher(teacher_logits.detach().reshape(-1, vocab))
-    if topk_rest not in TOPK_REST:
-        raise ValueError(f"topk_rest must be one of {TOPK_REST}, got {topk_rest!r}")
     if not isinstance(teacher_topk, (tuple, list)) or len(teacher_topk) != 2:
         raise TypeError("teacher_topk must be a pair (ids [..., k] int64, logprobs [..., k] float)")
     ids, lp = teacher_topk
@@ -444,11 +442,7 @@ def _fused_loss(
     min_k: int,
 ) -> Tensor:
     """Validate, plan the chunks, and run the fused loss."""
-    check_reduction(reduction)
-    check_ignore_index(ignore_index)
-    _check_chunk_size(chunk_size)
-    if teacher_args["topk_rest"] not in TOPK_REST:
-        raise ValueError(f"topk_rest must be one of {TOPK_REST}, got {teacher_args['topk_rest']!r}")
+    _check_common(teacher_args["topk_rest"], ignore_index, reduction, chunk_size)
     _check_head("hidden", hidden, "weight", weight, "bias", bias)
     lead, h_dim, vocab = hidden.shape[:-1], hidden.shape[-1], weight.shape[0]
     device = hidden.device
