@@ -487,3 +487,20 @@ def test_cifar_missing_files_message_names_the_config_key(tmp_path):
     msg = str(err.value)
     assert "set data.download=true" in msg and "pass download=True" not in msg
     assert "cifar-100-python.tar.gz" in msg and str(tmp_path / "cifar-100-python" / "train") in msg
+
+
+def test_mixup_cutmix_draw_only_from_the_given_generator():
+    x, labels = torch.rand(16, 3, 8, 8), torch.arange(16) % 7
+    for kw in ({"mixup_alpha": 0.8}, {"cutmix_alpha": 1.0}, {"mixup_alpha": 0.8, "cutmix_alpha": 1.0}):
+        mix = MixupCutmix(7, **kw)
+        outs = []
+        for global_seed in (0, 1):
+            torch.manual_seed(global_seed)
+            before = torch.get_rng_state()
+            outs.append(mix(x, labels, torch.Generator().manual_seed(42)))
+            assert torch.equal(torch.get_rng_state(), before), kw  # the global RNG is left alone
+        assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1]), kw
+        other = mix(x, labels, torch.Generator().manual_seed(43))
+        assert not torch.equal(other[1], outs[0][1]), kw  # the generator does decide
+    with pytest.raises(TypeError, match="generator"):
+        MixupCutmix(7, mixup_alpha=0.8)(x, labels, None)

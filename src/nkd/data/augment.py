@@ -3,7 +3,8 @@
 ``crop_flip_normalize`` does per-sample random crop with zero padding and horizontal flip in
 one gather over a uint8 channels-last batch, then converts to normalized float NCHW:
 ``out = (x[oy:oy+H, ox:ox+W] (flipped) / 255 − mean) / std``.
-Mixup/CutMix come from ``torchvision.transforms.v2`` and turn labels into soft labels ``[N, C]``.
+Mixup/CutMix come from ``torchvision.transforms.v2`` and turn labels into soft labels ``[N, C]``;
+every draw they make (the coin, λ, the CutMix box) comes from the caller's generator.
 """
 
 from __future__ import annotations
@@ -62,14 +63,21 @@ class MixupCutmix:
         self.mixup = v2.MixUp(alpha=mixup_alpha, num_classes=num_classes) if mixup_alpha > 0 else None
         self.cutmix = v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes) if cutmix_alpha > 0 else None
 
-    def __call__(self, images: Tensor, labels: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        g = generator
-        u = torch.rand(2, generator=g).tolist()
+    def __call__(self, images: Tensor, labels: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Mix one batch. Every random draw — the two coins, then λ and the CutMix box — comes from
+        ``generator`` (torchvision draws λ and the box from the global CPU RNG, so its op runs under
+        a forked global RNG seeded from ``generator``; the caller's global RNG is left as it was)."""
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator (the batch's own stream), got {type(generator).__name__}")
+        u = torch.rand(2, generator=generator).tolist()
         if (self.mixup is None and self.cutmix is None) or u[0] >= self.prob:
             y = F.one_hot(labels, self.num_classes).to(images.dtype)
         else:
             op = self.cutmix if u[1] < self.switch_prob else self.mixup
-            images, y = op(images, labels)
+            seed = int(torch.randint(0, 2**63 - 1, (1,), generator=generator))
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                images, y = op(images, labels)
         if self.eps:
             y = y * (1 - self.eps) + self.eps / self.num_classes
         return images, y

@@ -7,8 +7,10 @@ half-written one under the real name. Loading uses ``weights_only=True``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +102,19 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(ast.literal_eval(state["python"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run a block with every global RNG (Python, NumPy, torch CPU and CUDA) seeded from ``seed``,
+    and give the caller back the states it had: what is built inside depends on ``seed`` alone,
+    and nothing outside sees the draws made inside."""
+    saved = rng_state()
+    seed_everything(seed)
+    try:
+        yield
+    finally:
+        set_rng_state(saved)
 
 
 def seed_everything(seed: int) -> None:

@@ -23,7 +23,7 @@ from ..config import Config, dump_config
 from ..losses import value_checks
 from ..methods import build_method
 from ..models import create_model
-from .checkpoint import rng_state, seed_everything, set_rng_state
+from .checkpoint import rng_state, seeded, set_rng_state
 from .distributed import DistInfo, all_reduce_sum
 from .guard import NonFiniteError, NonFiniteGuard
 from .rundir import RunDir
@@ -62,12 +62,13 @@ class Student:
     def __init__(self, cfg: Config, run: RunDir, device: torch.device, dist: DistInfo):
         self.cfg, self.run, self.device, self.dist = cfg, run, device, dist
         self.log = run.log
-        seed_everything(cfg.seed)  # the student's initialization depends on its seed only
-        student = create_model(cfg.model.name, cfg.model.num_classes, checkpoint=cfg.model.checkpoint,
-                               **cfg.model.kwargs)
-        self.method, self.trainable = build_method(cfg.method.name, cfg.method.params, cfg.model.num_classes, student)
-        self.rng = torch.get_rng_state()
-        self.cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        with seeded(cfg.seed):  # the initialization depends on the seed only; the global RNG is given back
+            student = create_model(cfg.model.name, cfg.model.num_classes, checkpoint=cfg.model.checkpoint,
+                                   **cfg.model.kwargs)
+            self.method, self.trainable = build_method(cfg.method.name, cfg.method.params, cfg.model.num_classes,
+                                                       student)
+            self.rng = torch.get_rng_state()  # the student's own stream continues from here
+            self.cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
         mf = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
         self.trainable.to(device, memory_format=mf)
         if dist.enabled and cfg.train.sync_bn:
