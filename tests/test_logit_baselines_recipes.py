@@ -50,14 +50,15 @@ def test_dist_values():
 
 def test_zscore_values():
     k = _load("cifar100/kd_zscore/resnet32x4_resnet8x4.yaml")
-    assert k.method.params == {"temperature": 2.0, "ce_weight": 0.1, "kd_weight": 9.0}  # the README's "2,9"
+    # the README's "2,9"; eps is the loss's own parameter, now a method parameter too (default 1e-7)
+    assert k.method.params == {"temperature": 2.0, "eps": 1e-7, "ce_weight": 0.1, "kd_weight": 9.0}
     assert _load("cifar100/kd_zscore/vgg13_vgg8.yaml").method.params["temperature"] == 3.0
     assert _load("cifar100/kd_zscore/resnet50_mobilenetv2.yaml").method.params["kd_weight"] == 1.0
     d = _load("cifar100/dkd_zscore/resnet56_resnet20.yaml").method.params
     assert (d["temperature"], d["kd_weight"], d["alpha"], d["beta"], d["warmup_epochs"]) == (3.0, 18.0, 1.0, 2.0, 20)
     assert _load("cifar100/dkd_zscore/resnet32x4_resnet8x4.yaml").method.params["beta"] == 8.0
     i = _load("imagenet/kd_zscore/resnet34_resnet18.yaml")
-    assert i.method.params == {"temperature": 2.0, "ce_weight": 1.0, "kd_weight": 9.0}
+    assert i.method.params == {"temperature": 2.0, "eps": 1e-7, "ce_weight": 1.0, "kd_weight": 9.0}
     assert (i.data.global_batch_size, i.optim.lr, i.optim.weight_decay) == (512, 0.2, 1e-4)
 
 

@@ -423,15 +423,16 @@ def config_reference() -> str:
     lines.extend(["## `method.params` per method", "",
                   "Defaults are the loss functions' defaults (the ImageNet settings of the papers); the published "
                   "CIFAR-100 settings are in the shipped configs and in docs/methods.md.", "",
-                  "| method | key | type | default |", "|---|---|---|---|"])
+                  "| method | key | type | default | meaning |", "|---|---|---|---|---|"])
     for name in sorted(METHODS):
         cls = METHODS[name].Params
         hints = typing.get_type_hints(cls)
         fields = dataclasses.fields(cls)
         if not fields:
-            lines.append(f"| `{name}` | — | | |")
+            lines.append(f"| `{name}` | — | | | |")
         for f in fields:
-            lines.append(f"| `{name}` | `{f.name}` | {describe(hints[f.name])} | `{f.default}` |")
+            doc = f.metadata.get("doc", "").replace("|", "or")
+            lines.append(f"| `{name}` | `{f.name}` | {describe(hints[f.name])} | `{f.default}` | {doc} |")
     return "\n".join(lines) + "\n"
 
 

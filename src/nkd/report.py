@@ -13,8 +13,8 @@ each table has its own heading and its own reference row. Summaries written befo
 
 A row is named by the run's ``label`` when it has one, else ``method student ← teacher``; rows
 that would share a name get the settings they differ in appended, e.g.
-``nkd resnet20 ← resnet56 (temperature=1, gamma=1.5)``. Rows follow :data:`METHOD_ORDER`
-(unknown methods after), then name.
+``nkd resnet20 ← resnet56 (temperature=1, gamma=1.5)``. Rows follow :func:`method_order` — the
+method registry's order: teacher methods, logit baselines, self-KD (unknown methods after), then name.
 
 For a row with values :math:`x_1..x_n` over seeds the table shows :math:`\\bar x \\pm s`,
 :math:`s` the sample standard deviation (:math:`n-1` in the denominator); a single run is shown
@@ -39,7 +39,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-METHOD_ORDER = ["ce", "kd", "dkd", "nkd", "ls", "zipf_ls", "tfkd", "uskd"]
+
+
+def method_order() -> list[str]:
+    """The method names in registration order (:data:`nkd.methods.METHODS`); imported lazily so that
+    reading reports does not import torch until a table is built."""
+    from .methods import METHODS
+
+    return list(METHODS)
 KEYS = ("best_top1", "last_top1")
 
 
@@ -263,7 +270,7 @@ def collect(paths: list[str | Path], baseline: str | None = None) -> list[Table]
             g = groups[key] = Group("", s["method"], s["student"], s.get("teacher"), params, s.get("epochs"), label, data)
         g.runs.append({**s, "dir": str(run)})
         g.curves.append(curve)
-    order = {m: i for i, m in enumerate(METHOD_ORDER)}
+    order = {m: i for i, m in enumerate(method_order())}
     by_data: dict[str, list[Group]] = {}
     for g in groups.values():
         by_data.setdefault(json.dumps(g.data, sort_keys=True), []).append(g)

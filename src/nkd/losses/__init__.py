@@ -4,12 +4,12 @@ logit-standardized (z-score) KD/DKD.
 Every loss takes logits ``[..., C]``, hard labels ``[...]`` (int64) or soft labels ``[..., C]``,
 computes in float32 even under autocast, validates its input, and supports
 ``reduction in {"mean", "sum", "none"}`` — except DIST, whose intra-class term couples the rows of a
-batch (``"mean"``/``"sum"`` only). ``LOSSES`` maps a name to its functional form.
+batch (``"mean"``/``"sum"`` only). Each loss is one spec (:mod:`nkd.losses.spec`); ``LOSS_SPECS``
+maps its name to the spec and ``LOSSES`` to the function derived from it.
 """
 
 from __future__ import annotations
 
-from ..registry import Registry
 from ._common import value_checks
 from .dist import DISTLoss, dist_loss
 from .dkd import DKDLoss, dkd_loss
@@ -25,16 +25,14 @@ from .selfkd import (
     tfkd_loss,
     zipf_ls_loss,
 )
+from .spec import LOSS_SPECS, LOSSES, LossSpec, register_loss
 from .uskd import RANK_MODES, USKDLoss, uskd_loss
-
-LOSSES: Registry = Registry("loss")  # name -> the functional form
-for _name, _fn in (("nkd", nkd_loss), ("uskd", uskd_loss), ("kd", kd_loss), ("dkd", dkd_loss),
-                   ("ls", label_smoothing_loss), ("zipf_ls", zipf_ls_loss), ("tfkd", tfkd_loss), ("dist", dist_loss),
-                   ("kd_zscore", kd_zscore_loss), ("dkd_zscore", dkd_zscore_loss)):
-    LOSSES.add(_name, _fn)
 
 __all__ = [
     "LOSSES",
+    "LOSS_SPECS",
+    "LossSpec",
+    "register_loss",
     "value_checks",
     "RANK_MODES",
     "nkd_loss",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +22,12 @@ from torch import Tensor
 
 REDUCTIONS = ("mean", "sum", "none")
 SOFT_LABEL_TOL = 1e-3
-_VALUE_CHECKS = [True]
+_VALUE_CHECKS: ContextVar[bool] = ContextVar("nkd_value_checks", default=True)
+
+
+def value_checks_enabled() -> bool:
+    """Whether the value checks of label tensors run in this context (see :func:`value_checks`)."""
+    return _VALUE_CHECKS.get()
 
 
 @contextmanager
@@ -33,12 +39,11 @@ def value_checks(enabled: bool) -> Iterator[None]:
     forces a host-device synchronization per call; a training loop that has validated its data
     (the nkd Trainer checks the first batch of every epoch) can switch them off in its hot path.
     """
-    old = _VALUE_CHECKS[0]
-    _VALUE_CHECKS[0] = bool(enabled)
+    token = _VALUE_CHECKS.set(bool(enabled))
     try:
         yield
     finally:
-        _VALUE_CHECKS[0] = old
+        _VALUE_CHECKS.reset(token)
 
 
 @dataclass
@@ -148,7 +153,7 @@ def parse_rows(logits: Tensor, target: Tensor, ignore_index: int = -100, name: s
                 f"got {tuple(target.shape)}"
             )
         soft = target.detach().reshape(-1, c).to(compute_dtype(logits.dtype))
-        if soft.numel() and _VALUE_CHECKS[0]:
+        if soft.numel() and _VALUE_CHECKS.get():
             if bool((soft < 0).any()) or not bool(torch.isfinite(soft).all()):
                 raise ValueError("soft target rows must be finite and non-negative")
             err = (soft.sum(-1) - 1).abs().max()
@@ -168,7 +173,7 @@ def parse_rows(logits: Tensor, target: Tensor, ignore_index: int = -100, name: s
         )
     t = target.reshape(-1).long()
     valid = t != ignore_index
-    if t.numel() and _VALUE_CHECKS[0]:
+    if t.numel() and _VALUE_CHECKS.get():
         bad = valid & ((t < 0) | (t >= c))
         if bool(bad.any()):
             first = int(t[bad][0])

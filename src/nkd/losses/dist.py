@@ -49,33 +49,17 @@ dtype.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from ._common import (
-    check_ignore_index,
-    check_nonnegative,
-    check_pair,
-    check_positive,
-    compute_dtype,
-    no_autocast,
-    parse_rows,
-)
+from .spec import LossSpec, RowOut, hp, nonnegative, positive, register_loss
 
-__all__ = ["dist_loss", "DISTLoss", "DIST_REDUCTIONS", "DIST_EPS"]
+__all__ = ["dist_loss", "DISTLoss", "DIST_REDUCTIONS", "DIST_EPS", "DIST"]
 
 DIST_REDUCTIONS = ("mean", "sum")
 DIST_EPS = 1e-8  # the authors' ε in the cosine denominator
-
-
-def _check_dist_reduction(reduction: str) -> None:
-    if reduction == "none":
-        raise ValueError(
-            "reduction='none' is not supported by DIST: its intra-class term correlates each class over "
-            "the rows of the batch, so there is no per-row loss; use reduction='mean' or 'sum'"
-        )
-    if reduction not in DIST_REDUCTIONS:
-        raise ValueError(f"reduction must be one of {DIST_REDUCTIONS} for DIST, got {reduction!r}")
 
 
 def _pearson(a: Tensor, b: Tensor, dim: int) -> Tensor:
@@ -85,118 +69,52 @@ def _pearson(a: Tensor, b: Tensor, dim: int) -> Tensor:
     return num / den
 
 
-def dist_loss(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    target: Tensor | None = None,
-    *,
-    beta: float = 1.0,
-    gamma: float = 1.0,
-    temperature: float = 1.0,
-    reduction: str = "mean",
-    ignore_index: int = -100,
-) -> Tensor:
-    r"""DIST: ``τ²(β·L_inter + γ·L_intra)`` over the batch, without CE.
+@register_loss("dist", function="dist_loss", module="DISTLoss")
+@dataclass
+class DIST(LossSpec):
+    r"""DIST over the batch, with ``Y^s = softmax(z/τ)``, ``Y^t = softmax(u/τ)`` and ρ the Pearson
+    correlation (cosine of mean-centred vectors, ``+1e-8`` in the denominator)::
 
-    .. math::
-
-        Y^s = \mathrm{softmax}(z/\tau),\ Y^t = \mathrm{softmax}(u/\tau),\quad
-        \rho(a, b) = \frac{\langle a-\bar a,\, b-\bar b\rangle}{\lVert a-\bar a\rVert\lVert b-\bar b\rVert + 10^{-8}}
-
-        L_{inter} = 1 - \tfrac{1}{M}\textstyle\sum_r \rho(Y^s_{r,:}, Y^t_{r,:}),\quad
-        L_{intra} = 1 - \tfrac{1}{C}\textstyle\sum_j \rho(Y^s_{:,j}, Y^t_{:,j})
+        L_inter = 1 − (1/M) Σ_r ρ(Y^s_{r,:}, Y^t_{r,:})      (each row over its classes)
+        L_intra = 1 − (1/C) Σ_j ρ(Y^s_{:,j}, Y^t_{:,j})      (each class over the M rows)
+        DIST    = τ² (β · L_inter + γ · L_intra)
 
     over the ``M`` non-ignored rows. ``L_intra`` correlates each class over the rows, so the loss
-    couples the batch: there is no per-row value (``reduction="none"`` raises), and under DDP it is
-    computed over each process's local batch. Training objective (method ``dist``):
+    couples the batch: there is no per-row value (``reduction="none"`` raises; ``"sum"`` is
+    ``M × mean``), and under DDP it is computed over each process's local batch. Leading dims are
+    flattened into the rows ``L_intra`` correlates over. Training objective (method ``dist``):
     ``ce_weight·CE + kd_weight·DIST`` (authors: 1 and 2).
-
-    Args:
-        student_logits, teacher_logits: ``[..., C]`` of equal shape, ``C >= 2``; leading dims are
-            flattened into the rows that ``L_intra`` correlates over. The teacher is detached.
-        target: optional int64 labels ``[...]`` (only used to leave out ``ignore_index`` rows) or
-            soft labels ``[..., C]`` (every row kept). DIST itself does not use the label.
-        beta: β ≥ 0, weight of the inter-class term (authors: 1, with an outer weight 2).
-        gamma: γ ≥ 0, weight of the intra-class term (authors: 1, with an outer weight 2).
-        temperature: τ > 0 (authors: 1 on ImageNet, 4 on CIFAR-100).
-        reduction: ``"mean"`` or ``"sum"`` (= number of valid rows × mean); ``"none"`` raises.
-        ignore_index: hard-label value whose rows are left out of both terms.
-
-    Returns:
-        A scalar, float32 (float64 for float64 input).
     """
-    check_pair(student_logits, teacher_logits)
-    check_nonnegative("beta", beta)
-    check_nonnegative("gamma", gamma)
-    check_positive("temperature", temperature)
-    _check_dist_reduction(reduction)
-    check_ignore_index(ignore_index)
-    c = student_logits.shape[-1]
-    dtype = compute_dtype(student_logits.dtype)
-    valid = None
-    if target is not None:
-        valid = parse_rows(student_logits, target, ignore_index, name="student_logits").valid
-    with no_autocast(student_logits):
-        ys = torch.softmax(student_logits.reshape(-1, c).to(dtype) / temperature, dim=-1)
-        yt = torch.softmax(teacher_logits.detach().reshape(-1, c).to(dtype) / temperature, dim=-1)
-        if valid is None:
-            valid = torch.ones(ys.shape[0], dtype=torch.bool, device=ys.device)
+
+    title = "DIST ``τ²(β·L_inter + γ·L_intra)`` (no CE)"
+    target = "optional"
+    target_doc = ("int64 labels ``[...]`` (only used to leave out ``ignore_index`` rows) or soft labels ``[..., C]`` "
+                  "(every row kept); DIST itself does not use the label")
+    reductions = DIST_REDUCTIONS
+    reductions_why = ("DIST's intra-class term correlates each class over the rows of the batch, so there is no "
+                      "per-row loss; use reduction='mean' or 'sum'")
+    row_wise = False
+    beta: float = hp(1.0, nonnegative, "β ≥ 0, weight of the inter-class term (authors: 1, with an outer weight 2)")
+    gamma: float = hp(1.0, nonnegative, "γ ≥ 0, weight of the intra-class term (authors: 1, with an outer weight 2)")
+    temperature: float = hp(1.0, positive, "τ > 0 (authors: 1 on ImageNet, 4 on CIFAR-100)")
+
+    def rows(self, z, u, r, need_grad):
+        """Each valid row's share ``τ²(β(1 − ρ_r) + γ·L_intra)``: their sum is ``M·DIST``, their mean DIST."""
+        tau = float(self.temperature)
+        ys, yt = torch.softmax(z / tau, dim=-1), torch.softmax(u / tau, dim=-1)
+        valid = r.valid
         keep = valid[:, None]  # [M, 1]: rows that take part
         ys, yt = torch.where(keep, ys, 0.0), torch.where(keep, yt, 0.0)
-        n = valid.sum().to(dtype)
-        denom = n.clamp(min=1.0)
+        denom = valid.sum().to(z.dtype).clamp(min=1.0)
         # inter-class: each row over its classes (centred by the row mean, 1/C for a softmax)
         rho_rows = _pearson(ys - ys.mean(-1, keepdim=True), yt - yt.mean(-1, keepdim=True), dim=1)
-        inter_sum = torch.where(valid, 1.0 - rho_rows, 0.0).sum()
         # intra-class: each class over the valid rows (ignored rows contribute exactly 0)
         cs = torch.where(keep, ys - ys.sum(0, keepdim=True) / denom, 0.0)
         ct = torch.where(keep, yt - yt.sum(0, keepdim=True) / denom, 0.0)
         intra = 1.0 - _pearson(cs, ct, dim=0).mean()
-        scale = float(temperature) ** 2
-        if reduction == "mean":
-            loss = scale * (beta * inter_sum / denom + gamma * intra)
-        else:  # "sum"
-            loss = scale * (beta * inter_sum + gamma * n * intra)
-        return torch.where(n > 0, loss, torch.zeros_like(loss))
+        share = tau**2 * (self.beta * (1.0 - rho_rows) + self.gamma * intra)
+        return RowOut(torch.where(valid, share, torch.zeros_like(share)))
 
 
-class DISTLoss(nn.Module):
-    """Module form of :func:`dist_loss`: ``τ²(β·L_inter + γ·L_intra)`` (inter-class Pearson
-    correlation per row, intra-class per class over the batch).
-
-    Args:
-        beta: β ≥ 0, weight of the inter-class term (default 1).
-        gamma: γ ≥ 0, weight of the intra-class term (default 1).
-        temperature: τ > 0 (default 1 = the authors' ImageNet setting; 4 on CIFAR-100).
-        reduction: ``"mean"`` (default) or ``"sum"`` (rows × mean); ``"none"`` is refused.
-        ignore_index: hard-label value whose rows are left out of both terms (default -100).
-    """
-
-    def __init__(self, beta: float = 1.0, gamma: float = 1.0, temperature: float = 1.0, reduction: str = "mean",
-                 ignore_index: int = -100):
-        super().__init__()
-        check_nonnegative("beta", beta)
-        check_nonnegative("gamma", gamma)
-        check_positive("temperature", temperature)
-        _check_dist_reduction(reduction)
-        check_ignore_index(ignore_index)
-        self.beta, self.gamma, self.temperature = float(beta), float(gamma), float(temperature)
-        self.reduction, self.ignore_index = reduction, ignore_index
-
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None = None) -> Tensor:
-        """DIST of the student to the (frozen) teacher.
-
-        Args:
-            student_logits: ``[..., C]`` floating logits; leading dims are the rows of the batch.
-            teacher_logits: ``[..., C]``, same shape; detached.
-            target: optional int64 labels ``[...]`` (or soft ``[..., C]``); only marks rows equal
-                to ``ignore_index`` to leave out.
-
-        Returns:
-            A scalar.
-        """
-        return dist_loss(student_logits, teacher_logits, target, beta=self.beta, gamma=self.gamma,
-                         temperature=self.temperature, reduction=self.reduction, ignore_index=self.ignore_index)
-
-    def extra_repr(self) -> str:
-        return f"beta={self.beta}, gamma={self.gamma}, temperature={self.temperature}, reduction={self.reduction!r}"
+dist_loss = DIST.function
+DISTLoss = DIST.module

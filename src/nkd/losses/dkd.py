@@ -27,23 +27,15 @@ published numbers: docs/methods.md, section DKD.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from ._common import (
-    check_nonnegative,
-    check_pair,
-    check_positive,
-    check_reduction,
-    compute_dtype,
-    kl_terms,
-    log_softmax_without,
-    no_autocast,
-    parse_rows,
-    reduce_rows,
-)
+from ._common import kl_terms, log_softmax_without
+from .spec import LossSpec, RowOut, hp, nonnegative, positive, register_loss
 
-__all__ = ["dkd_loss", "DKDLoss"]
+__all__ = ["dkd_loss", "DKDLoss", "DKD"]
 
 
 def _binary_and_nontarget(x: Tensor, col: Tensor) -> tuple[Tensor, Tensor]:
@@ -53,98 +45,39 @@ def _binary_and_nontarget(x: Tensor, col: Tensor) -> tuple[Tensor, Tensor]:
     return torch.cat([x.gather(1, col) - lse, lse_nt - lse], 1), log_n
 
 
-def dkd_loss(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    target: Tensor,
-    *,
-    alpha: float = 1.0,
-    beta: float = 8.0,
-    temperature: float = 4.0,
-    reduction: str = "mean",
-    ignore_index: int = -100,
-) -> Tensor:
-    """Decoupled KD ``α·TCKD + β·NCKD`` per row, then ``reduction`` (no CE, no warm-up factor).
+def dkd_rows(z: Tensor, u: Tensor, idx: Tensor, valid: Tensor | None, alpha: float, beta: float, lam: float) -> Tensor:
+    """Per-row ``λ²(α·TCKD + β·NCKD)`` ``[M]`` (0 on rows that are not valid), differentiable by autograd."""
+    col = idx[:, None]
+    log_bs, log_ns = _binary_and_nontarget(z / lam, col)
+    log_bt, log_nt = _binary_and_nontarget(u / lam, col)
+    tckd = kl_terms(log_bt, log_bs).sum(-1)
+    nckd = kl_terms(log_nt, log_ns).sum(-1)  # target column: p = 0 -> term 0
+    per_row = (alpha * tckd + beta * nckd) * lam**2
+    return per_row if valid is None else torch.where(valid, per_row, torch.zeros_like(per_row))
 
-    With ``S = softmax(z/λ)``, ``T = softmax(u/λ)`` (teacher detached) and target ``t``::
+
+@register_loss("dkd", function="dkd_loss", module="DKDLoss")
+@dataclass
+class DKD(LossSpec):
+    """Decoupled KD per row, with ``S = softmax(z/λ)``, ``T = softmax(u/λ)`` and target ``t``::
 
         TCKD = λ² · KL((T_t, 1 − T_t) ‖ (S_t, 1 − S_t))          (binary: target vs rest)
         NCKD = λ² · KL(T̂ ‖ Ŝ),  Ŝ_i = exp(z_i/λ) / Σ_{j≠t} exp(z_j/λ)  (i ≠ t; T̂ likewise)
         DKD  = α · TCKD + β · NCKD
 
     Training objective (method ``dkd``): ``ce_weight·CE + min((e+1)/warmup_epochs, 1)·DKD``
-    (``e`` the 0-based epoch; defaults ce_weight=1, warmup_epochs=20).
-
-    Args:
-        student_logits: ``[..., C]`` floating logits, ``C >= 2``.
-        teacher_logits: same shape as ``student_logits``; detached (treated as a constant).
-        target: int64 labels ``[...]`` (values in ``[0, C)`` or ``ignore_index``) or soft labels
-            ``[..., C]`` (``t = argmax`` of the row).
-        alpha: α ≥ 0, TCKD weight (default 1.0; 1 in every published setting).
-        beta: β ≥ 0, NCKD weight. Default 8.0 = the CIFAR-100 default of mdistiller (6 or 2 for
-            some CRD pairs); ImageNet: 0.5 (ResNet34→ResNet18) or 2.0 (ResNet50→MobileNetV1).
-        temperature: λ, a finite number > 0. Default 4.0 = CIFAR-100; ImageNet: 1.
-        reduction: ``"mean"`` (default; over non-ignored rows, 0 if none), ``"sum"`` or
-            ``"none"`` (per-row values, shape ``[...]``).
-        ignore_index: hard-label value whose rows are left out of the loss and the mean (default -100).
-
-    Returns:
-        The loss, float32 (float64 for float64 input); floor 0.
-    """
-    check_pair(student_logits, teacher_logits)
-    check_nonnegative("alpha", alpha)
-    check_nonnegative("beta", beta)
-    check_positive("temperature", temperature)
-    check_reduction(reduction)
-    rows = parse_rows(student_logits, target, ignore_index, name="student_logits")
-    dtype = compute_dtype(student_logits.dtype)
-    col = rows.index[:, None]
-    with no_autocast(student_logits):
-        z = rows.logits.to(dtype) / temperature
-        u = teacher_logits.detach().reshape(z.shape).to(dtype) / temperature
-        log_bs, log_ns = _binary_and_nontarget(z, col)
-        log_bt, log_nt = _binary_and_nontarget(u, col)
-        tckd = kl_terms(log_bt, log_bs).sum(-1)
-        nckd = kl_terms(log_nt, log_ns).sum(-1)  # target column: p = 0 -> term 0
-        per_row = (alpha * tckd + beta * nckd) * temperature**2
-        per_row = torch.where(rows.valid, per_row, torch.zeros_like(per_row))
-        return reduce_rows(per_row, rows.valid, reduction, rows.lead_shape)
-
-
-class DKDLoss(nn.Module):
-    """Module form of :func:`dkd_loss`: ``α·TCKD + β·NCKD`` at temperature λ (no warm-up factor).
-
-    Args:
-        alpha: α ≥ 0 (default 1.0).
-        beta: β ≥ 0 (default 8.0 = CIFAR-100 default; ImageNet: 0.5 or 2.0).
-        temperature: λ > 0 (default 4.0 = CIFAR-100; ImageNet: 1).
-        reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``.
-        ignore_index: hard-label value whose rows are left out (default -100).
+    (``e`` the 0-based epoch; defaults ce_weight=1, warmup_epochs=20). Floor 0.
     """
 
-    def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0,
-                 reduction: str = "mean", ignore_index: int = -100):
-        super().__init__()
-        check_nonnegative("alpha", alpha)
-        check_nonnegative("beta", beta)
-        check_positive("temperature", temperature)
-        check_reduction(reduction)
-        self.alpha, self.beta, self.temperature = float(alpha), float(beta), float(temperature)
-        self.reduction, self.ignore_index = reduction, ignore_index
+    title = "Decoupled KD ``α·TCKD + β·NCKD`` (no CE, no warm-up factor)"
+    alpha: float = hp(1.0, nonnegative, "α ≥ 0, TCKD weight; 1 in every published setting")
+    beta: float = hp(8.0, nonnegative, "β ≥ 0, NCKD weight; 8.0 = mdistiller's CIFAR-100 default (6 or 2 for some CRD "
+                                       "pairs), ImageNet: 0.5 (ResNet34→ResNet18) or 2.0 (ResNet50→MobileNetV1)")
+    temperature: float = hp(4.0, positive, "λ > 0; 4.0 = CIFAR-100, ImageNet: 1")
 
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor) -> Tensor:
-        """DKD of the student to the (frozen) teacher, without CE and without the warm-up ramp.
+    def rows(self, z, u, r, need_grad):
+        return RowOut(dkd_rows(z, u, r.index, r.valid, self.alpha, self.beta, self.temperature))
 
-        Args:
-            student_logits: ``[..., C]`` floating logits.
-            teacher_logits: ``[..., C]``, same shape; detached.
-            target: int64 labels ``[...]`` or soft labels ``[..., C]``.
 
-        Returns:
-            A scalar (``"mean"``/``"sum"``) or per-row values ``[...]`` (``"none"``).
-        """
-        return dkd_loss(student_logits, teacher_logits, target, alpha=self.alpha, beta=self.beta,
-                        temperature=self.temperature, reduction=self.reduction, ignore_index=self.ignore_index)
-
-    def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, beta={self.beta}, temperature={self.temperature}"
+dkd_loss = DKD.function
+DKDLoss = DKD.module

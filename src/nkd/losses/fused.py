@@ -65,18 +65,11 @@ default ``chunk_size`` keeps one ``[chunk, V]`` float32 buffer near 32 MiB:
 
 from __future__ import annotations
 
-import functools
-import math
-from collections.abc import Callable
-from dataclasses import dataclass
-
-import torch
 from torch import Tensor, nn
 
-from . import _common
-from ._common import check_ignore_index, check_nonnegative, check_positive, check_reduction, compute_dtype
-from .kd import _kd_rows
-from .nkd import _nkd_rows
+from .chunked import TOPK_REST, default_chunk_size, fused_linear_loss, make_teacher
+from .kd import KD
+from .nkd import NKD
 
 __all__ = [
     "fused_linear_nkd_loss",
@@ -87,400 +80,7 @@ __all__ = [
     "default_chunk_size",
 ]
 
-TOPK_REST = ("zero", "uniform")
-_CHUNK_ELEMENTS = 2**23  # one [chunk, V] float32 buffer ≈ 32 MiB
-_LOGPROB_TOL = 1e-4  # stored log-probabilities may exceed 0 by rounding
-_MASS_TOL = 1e-3  # and their probabilities may sum slightly above 1
 
-
-def default_chunk_size(vocab_size: int) -> int:
-    """Rows per chunk when ``chunk_size=None``: ``max(1, 2**23 // V)`` (≈ 32 MiB per float32 buffer)."""
-    return max(1, _CHUNK_ELEMENTS // max(int(vocab_size), 1))
-
-
-# ----------------------------------------------------------------------------- validation
-def _check_float(name: str, x: object, dims: str) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor {dims}, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor {dims}, got dtype {x.dtype}")
-
-
-def _check_head(hidden_name: str, hidden: Tensor, weight_name: str, weight: Tensor, bias_name: str, bias: Tensor | None) -> None:
-    _check_float(hidden_name, hidden, "[..., H]")
-    _check_float(weight_name, weight, "[V, H]")
-    if hidden.dim() < 1:
-        raise ValueError(f"{hidden_name} must have shape [..., H], got a scalar")
-    if weight.dim() != 2:
-        raise ValueError(f"{weight_name} must have shape [V, H], got {tuple(weight.shape)}")
-    if weight.shape[0] < 2:
-        raise ValueError(f"{weight_name} must have at least 2 rows (vocabulary entries), got shape {tuple(weight.shape)}")
-    if hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(
-            f"{weight_name} [V, H] must match the width of {hidden_name} [..., H]: "
-            f"{weight_name} has H={weight.shape[1]}, {hidden_name} has H={hidden.shape[-1]}"
-        )
-    if bias is not None:
-        _check_float(bias_name, bias, "[V]")
-        if bias.shape != weight.shape[:1]:
-            raise ValueError(f"{bias_name} must have shape [V] = ({weight.shape[0]},), got {tuple(bias.shape)}")
-
-
-def _check_lead(name: str, x: Tensor, lead: torch.Size, what: str) -> None:
-    if x.shape[:-1] != lead:
-        raise ValueError(
-            f"{name} must have leading shape {tuple(lead)} (the leading dims of hidden), "
-            f"got {tuple(x.shape)} ({what})"
-        )
-
-
-def _check_devices(device: torch.device, **tensors) -> None:
-    """Every tensor argument must live on ``hidden``'s device."""
-    for name, x in tensors.items():
-        parts = x if name == "teacher_topk" and isinstance(x, (tuple, list)) else (x,)
-        for part in parts:
-            if isinstance(part, Tensor) and part.device != device:
-                raise ValueError(f"{name} must be on hidden's device {device}, got {part.device}")
-
-
-def _check_chunk_size(chunk_size: object) -> None:
-    if chunk_size is None:
-        return
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size <= 0:
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-
-
-def _parse_target(target: Tensor | None, lead: torch.Size, vocab: int, ignore_index: int) -> Tensor | None:
-    """Flat int64 labels ``[N]`` (``ignore_index`` kept), validated against ``[0, V)``."""
-    if target is None:
-        return None
-    if not isinstance(target, Tensor):
-        raise TypeError(f"target must be a torch.Tensor of int64 token ids, got {type(target).__name__}")
-    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-        raise TypeError(f"target must hold integer token ids (hard labels only), got dtype {target.dtype}")
-    if target.shape != lead:
-        raise ValueError(f"target must have shape {tuple(lead)} (the leading dims of hidden), got {tuple(target.shape)}")
-    t = target.detach().reshape(-1).long()
-    if t.numel() and _common._VALUE_CHECKS[0]:
-        bad = (t != ignore_index) & ((t < 0) | (t >= vocab))
-        if bool(bad.any()):
-            raise ValueError(
-                f"target token ids must lie in [0, {vocab}) or equal ignore_index={ignore_index}; found {int(t[bad][0])}"
-            )
-    return t
-
-
-# ----------------------------------------------------------------------------- teachers
-def _take(x: Tensor, sel: slice | Tensor) -> Tensor:
-    return x[sel] if isinstance(sel, slice) else x.index_select(0, sel)
-
-
-def _mm_dtype(device: torch.device, *tensors: Tensor) -> torch.dtype:
-    """Matmul dtype: the autocast dtype under autocast (float64 never cast down), else promotion."""
-    dtype = functools.reduce(torch.promote_types, [t.dtype for t in tensors])
-    if dtype != torch.float64 and torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type)
-    return dtype
-
-
-def _linear(h: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    return h @ w.t() if b is None else torch.addmm(b, h, w.t())
-
-
-@dataclass
-class _LinearTeacher:
-    hidden: Tensor  # [N, H_t]
-    weight: Tensor  # [V, H_t], in the matmul dtype
-    bias: Tensor | None
-
-    def rows(self, sel: slice | Tensor, dtype: torch.dtype) -> Tensor:
-        h = _take(self.hidden, sel).to(self.weight.dtype)
-        return _linear(h, self.weight, self.bias).to(dtype)
-
-
-@dataclass
-class _DenseTeacher:
-    logits: Tensor  # [N, V]
-
-    def rows(self, sel: slice | Tensor, dtype: torch.dtype) -> Tensor:
-        return _take(self.logits, sel).to(dtype)
-
-
-@dataclass
-class _TopKTeacher:
-    ids: Tensor  # [N, k] int64
-    logprobs: Tensor  # [N, k]
-    vocab: int
-    rest: str
-
-    def rows(self, sel: slice | Tensor, dtype: torch.dtype) -> Tensor:
-        ids = _take(self.ids, sel)
-        lp = _take(self.logprobs, sel).to(dtype)
-        c, k = ids.shape
-        if self.rest == "zero" or k == self.vocab:
-            u = torch.full((c, self.vocab), float("-inf"), dtype=dtype, device=lp.device)
-        else:
-            # log r with r = 1 - sum_K p, computed as log(-expm1(logsumexp)) and clamped to tiny
-            lse = torch.logsumexp(lp, dim=-1).clamp(max=0.0)
-            log_r = torch.log((-torch.expm1(lse)).clamp(min=torch.finfo(dtype).tiny))
-            fill = log_r - math.log(self.vocab - k)
-            u = fill[:, None].expand(c, self.vocab).clone()
-        return u.scatter_(1, ids, lp)
-
-
-def _build_teacher(
-    lead: torch.Size,
-    vocab: int,
-    device: torch.device,
-    teacher_hidden: Tensor | None,
-    teacher_weight: Tensor | None,
-    teacher_bias: Tensor | None,
-    teacher_logits: Tensor | None,
-    teacher_topk: tuple[Tensor, Tensor] | None,
-    topk_rest: str,
-    min_k: int,
-):
-    given = [
-        name
-        for name, ok in (
-            ("teacher_hidden/teacher_weight", teacher_hidden is not None or teacher_weight is not None),
-            ("teacher_logits", teacher_logits is not None),
-            ("teacher_topk", teacher_topk is not None),
-        )
-        if ok
-    ]
-    if len(given) != 1:
-        raise ValueError(
-            "give exactly one teacher: teacher_hidden + teacher_weight, teacher_logits, or teacher_topk=(ids, logprobs); "
-            f"got {given or 'none'}"
-        )
-    if given[0].startswith("teacher_hidden"):
-        if teacher_hidden is None or teacher_weight is None:
-            missing = "teacher_weight" if teacher_weight is None else "teacher_hidden"
-            raise ValueError(f"{missing} is required together with {'teacher_hidden' if missing == 'teacher_weight' else 'teacher_weight'}")
-        _check_head("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight, "teacher_bias", teacher_bias)
-        if teacher_weight.shape[0] != vocab:
-            raise ValueError(
-                f"teacher_weight must have the student's vocabulary size: teacher_weight has V={teacher_weight.shape[0]}, "
-                f"weight has V={vocab}"
-            )
-        _check_lead("teacher_hidden", teacher_hidden, lead, "teacher_hidden [..., H_t]")
-        mm = _mm_dtype(device, teacher_hidden, teacher_weight, *(() if teacher_bias is None else (teacher_bias,)))
-        tb = None if teacher_bias is None else teacher_bias.detach().to(mm)
-        return _LinearTeacher(teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]), teacher_weight.detach().to(mm), tb)
-    if teacher_bias is not None:
-        raise ValueError("teacher_bias is only used with teacher_hidden + teacher_weight")
-    if teacher_logits is not None:
-        _check_float("teacher_logits", teacher_logits, "[..., V]")
-        if teacher_logits.dim() < 1 or teacher_logits.shape[-1] != vocab:
-            raise ValueError(
-                f"teacher_logits must have the student's vocabulary size in its last dim: teacher_logits has "
-                f"V={teacher_logits.shape[-1] if teacher_logits.dim() else 'none'}, weight has V={vocab}"
-            )
-        _check_lead("teacher_logits", teacher_logits, lead, "teacher_logits [..., V]")
-        return _DenseTeacher(teacher_logits.detach().reshape(-1, vocab))
-    if not isinstance(teacher_topk, (tuple, list)) or len(teacher_topk) != 2:
-        raise TypeError("teacher_topk must be a pair (ids [..., k] int64, logprobs [..., k] float)")
-    ids, lp = teacher_topk
-    if not isinstance(ids, Tensor) or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-        raise TypeError(f"teacher_topk ids must be an integer tensor [..., k], got {getattr(ids, 'dtype', type(ids).__name__)}")
-    _check_float("teacher_topk logprobs", lp, "[..., k]")
-    if ids.shape != lp.shape:
-        raise ValueError(f"teacher_topk ids and logprobs must have the same shape, got {tuple(ids.shape)} vs {tuple(lp.shape)}")
-    if ids.dim() < 1:
-        raise ValueError("teacher_topk ids must have shape [..., k], got a scalar")
-    _check_lead("teacher_topk ids", ids, lead, "teacher_topk [..., k]")
-    k = ids.shape[-1]
-    if not min_k <= k <= vocab:
-        raise ValueError(f"teacher_topk needs {min_k} <= k <= V={vocab} entries per token (topk_rest={topk_rest!r}), got k={k}")
-    ids2 = ids.detach().reshape(-1, k).long()
-    lp2 = lp.detach().reshape(-1, k)
-    if ids2.numel() and _common._VALUE_CHECKS[0]:
-        if bool(((ids2 < 0) | (ids2 >= vocab)).any()):
-            raise ValueError(f"teacher_topk ids must lie in [0, {vocab})")
-        srt = ids2.sort(dim=-1).values
-        if k > 1 and bool((srt[:, 1:] == srt[:, :-1]).any()):
-            raise ValueError("teacher_topk ids must be distinct within each token's top-k set")
-        lpf = lp2.to(compute_dtype(lp2.dtype))
-        if not bool(torch.isfinite(lpf).all()) or bool((lpf > _LOGPROB_TOL).any()):
-            raise ValueError("teacher_topk logprobs must be finite log-probabilities (<= 0)")
-        mass = torch.logsumexp(lpf, dim=-1).exp().max()
-        if float(mass) > 1 + _MASS_TOL:
-            raise ValueError(f"teacher_topk probabilities must sum to at most 1 per token; the largest sum is {float(mass):.4g}")
-    return _TopKTeacher(ids2, lp2, vocab, topk_rest)
-
-
-# ----------------------------------------------------------------------------- the chunk loop
-@dataclass
-class _Plan:
-    """Everything the chunk loop needs besides the differentiable tensors."""
-
-    rows_fn: Callable  # (z, u, idx, valid=None, need_grad) -> (loss [c], grad [c, V] | None)
-    teacher: object
-    index: Tensor  # [N] class index per row (0 where ignored)
-    chunks: list  # slices (all rows valid) or index tensors into the N rows
-    count: int  # valid rows
-    cdtype: torch.dtype  # loss maths dtype
-    mm_dtype: torch.dtype  # student matmul dtype
-    reduction: str
-
-
-def _grad_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Dtype a gradient is held in until backward: float16 (max 65504, normal down to 6e-5) cannot
-    hold a ``1/N``-scaled gradient nor an upstream loss scale, so its gradients stay float32."""
-    return torch.float32 if dtype == torch.float16 else dtype
-
-
-def _chunk_pass(plan: _Plan, hidden: Tensor, weight: Tensor, bias: Tensor | None, scale, want: tuple[bool, bool, bool]):
-    """Run every chunk: per-row losses ``[N]`` and the gradients scaled by ``scale``
-    (``∂L/∂h = s·(G W)``, ``∂L/∂W += Gᵀ (s·h)``, ``∂L/∂b += sᵀ G``, so ``G`` itself is never scaled).
-
-    ``scale`` is a float (mean/sum) or a ``[N]`` tensor (per-row weights, for reduction "none").
-    The gradients come back in :func:`_grad_dtype` of their inputs' dtypes (the caller casts).
-    """
-    n, v = hidden.shape[0], weight.shape[0]
-    want_h, want_w, want_b = want
-    need_grad = any(want)
-    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    w_mm = weight.to(plan.mm_dtype)
-    b_mm = None if bias is None else bias.to(plan.mm_dtype)
-    per_row = torch.zeros(n, dtype=plan.cdtype, device=hidden.device)
-    gh = torch.zeros(hidden.shape, dtype=_grad_dtype(hidden.dtype), device=hidden.device) if want_h else None
-    gw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_w else None
-    gb = torch.zeros(v, dtype=acc, device=weight.device) if want_b else None
-    for sel in plan.chunks:
-        h = _take(hidden, sel).to(plan.mm_dtype)
-        z = _linear(h, w_mm, b_mm).to(plan.cdtype)
-        u = plan.teacher.rows(sel, plan.cdtype)
-        idx = _take(plan.index, sel)
-        loss, g = plan.rows_fn(z, u, idx, None, need_grad)  # ignored rows are never in a chunk
-        del z, u
-        if isinstance(sel, slice):
-            per_row[sel] = loss
-        else:
-            per_row.index_copy_(0, sel, loss)
-        if g is None:
-            continue
-        # the reduction weight is applied to the small products, not to g [chunk, V] (one pass less)
-        if isinstance(scale, Tensor):
-            rs = _take(scale, sel).to(g.dtype)  # per-row weights (reduction "none")
-            if want_b:
-                gb.add_(rs @ g)
-            g = g.to(plan.mm_dtype)
-            if want_h:
-                gh_rows = (g @ w_mm).to(gh.dtype).mul_(rs[:, None].to(gh.dtype))
-            if want_w:
-                h = h * rs[:, None].to(h.dtype)
-            alpha = 1.0
-        else:
-            alpha = float(scale)
-            if want_b:
-                gb.add_(g.sum(0), alpha=alpha)
-            g = g.to(plan.mm_dtype)
-            if want_h:
-                gh_rows = (g @ w_mm).to(gh.dtype).mul_(alpha)  # 1/N applied outside float16
-        if want_h:
-            if isinstance(sel, slice):
-                gh[sel] = gh_rows
-            else:
-                gh.index_copy_(0, sel, gh_rows)
-        if want_w:
-            if g.dtype == acc:
-                gw.addmm_(g.t(), h, alpha=alpha)
-            else:
-                gw.add_(g.t() @ h, alpha=alpha)
-        del g
-    gw = None if gw is None else gw.to(_grad_dtype(weight.dtype))
-    gb = None if gb is None else gb.to(_grad_dtype(bias.dtype))
-    return per_row, gh, gw, gb
-
-
-class _FusedLinearLossFn(torch.autograd.Function):
-    """Loss of ``hidden @ weight.T + bias`` without the logits; gradients formed in forward
-    (mean/sum) or recomputed chunk by chunk in backward with per-row weights ("none")."""
-
-    @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, plan: _Plan, want: tuple[bool, bool, bool]):  # noqa: D102
-        ctx.plan, ctx.want = plan, want
-        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-        if plan.reduction == "none":
-            per_row, *_ = _chunk_pass(plan, hidden, weight, bias, 1.0, (False, False, False))
-            ctx.save_for_backward(hidden, weight, bias)
-            return per_row
-        denom = max(plan.count, 1) if plan.reduction == "mean" else 1
-        per_row, gh, gw, gb = _chunk_pass(plan, hidden, weight, bias, 1.0 / denom, want)
-        ctx.save_for_backward(gh, gw, gb)
-        return per_row.sum() / denom
-
-    @staticmethod
-    def backward(ctx, g: Tensor):  # noqa: D102
-        if torch.is_grad_enabled():
-            # create_graph=True: the gradients below have no graph of their own, so a gradient penalty
-            # would silently add nothing (once_differentiable only guards an incoming g requiring grad)
-            raise RuntimeError(
-                "the fused LM losses are once differentiable: backward with create_graph=True (double backward, "
-                "gradient penalties) is not supported; use nkd_loss / kd_loss on materialized logits for that"
-            )
-        if ctx.plan.reduction == "none":
-            hidden, weight, bias = ctx.saved_tensors
-            _, *grads = _chunk_pass(ctx.plan, hidden, weight, bias, g, ctx.want)
-        else:
-            grads = [None if x is None else x * g.to(x.dtype) for x in ctx.saved_tensors]
-        return tuple(None if x is None else x.to(dt) for x, dt in zip(grads, ctx.dtypes)) + (None, None)
-
-
-def _fused_loss(
-    rows_fn: Callable,
-    hidden: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    target: Tensor | None,
-    teacher_args: dict,
-    ignore_index: int,
-    reduction: str,
-    chunk_size: int | None,
-    min_k: int,
-) -> Tensor:
-    """Validate, plan the chunks, and run the fused loss."""
-    _check_common(teacher_args["topk_rest"], ignore_index, reduction, chunk_size)
-    _check_head("hidden", hidden, "weight", weight, "bias", bias)
-    lead, h_dim, vocab = hidden.shape[:-1], hidden.shape[-1], weight.shape[0]
-    device = hidden.device
-    _check_devices(device, weight=weight, bias=bias, target=target, **teacher_args)
-    t = _parse_target(target, lead, vocab, ignore_index)
-    teacher = _build_teacher(lead, vocab, device, **teacher_args, min_k=min_k)
-    n = math.prod(lead)
-    if t is None:
-        valid_idx, count = None, n
-        index = torch.zeros(n, dtype=torch.long, device=device)
-    else:
-        valid = t != ignore_index
-        index = torch.where(valid, t, torch.zeros_like(t))
-        count = int(valid.sum())
-        valid_idx = None if count == n else valid.nonzero().squeeze(1)
-    cs = chunk_size or default_chunk_size(vocab)
-    if valid_idx is None:
-        chunks = [slice(s, min(s + cs, n)) for s in range(0, n, cs)]
-    else:
-        chunks = [valid_idx[s : s + cs] for s in range(0, count, cs)]
-    plan = _Plan(
-        rows_fn=rows_fn,
-        teacher=teacher,
-        index=index,
-        chunks=chunks,
-        count=count,
-        cdtype=compute_dtype(torch.promote_types(hidden.dtype, weight.dtype)),
-        mm_dtype=_mm_dtype(device, hidden, weight, *(() if bias is None else (bias,))),
-        reduction=reduction,
-    )
-    grad_on = torch.is_grad_enabled()
-    want = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad, grad_on and bias is not None and bias.requires_grad)
-    with torch.autocast(device_type=device.type, enabled=False):
-        out = _FusedLinearLossFn.apply(hidden.reshape(n, h_dim), weight, bias, plan, want)
-    return out.reshape(lead) if reduction == "none" else out
-
-
-# ----------------------------------------------------------------------------- public API
 def fused_linear_nkd_loss(
     hidden: Tensor,
     weight: Tensor,
@@ -524,18 +124,10 @@ def fused_linear_nkd_loss(
     Returns:
         The loss in float32 (float64 for float64 input); 0 when no row is valid.
     """
-    check_positive("temperature", temperature)
-    check_nonnegative("gamma", gamma)
-    check_nonnegative("ce_weight", ce_weight)
-    if target is None:
-        raise ValueError("target is required for NKD (the next-token ids [...], ignore_index allowed)")
-    rows_fn = functools.partial(_nkd_rows_fn, lam=float(temperature), gamma=float(gamma), ce_weight=float(ce_weight))
-    teacher_args = dict(
-        teacher_hidden=teacher_hidden, teacher_weight=teacher_weight, teacher_bias=teacher_bias,
-        teacher_logits=teacher_logits, teacher_topk=teacher_topk, topk_rest=topk_rest,
-    )
-    min_k = 2 if topk_rest == "zero" else 1
-    return _fused_loss(rows_fn, hidden, weight, bias, target, teacher_args, ignore_index, reduction, chunk_size, min_k)
+    spec = NKD(temperature=temperature, gamma=gamma)
+    teacher = make_teacher(teacher_hidden, teacher_weight, teacher_bias, teacher_logits, teacher_topk, topk_rest)
+    return fused_linear_loss(spec, hidden, weight, teacher, target, bias=bias, ce_weight=ce_weight,
+                             ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size)
 
 
 def fused_linear_kd_loss(
@@ -585,24 +177,11 @@ def fused_linear_kd_loss(
     Returns:
         The loss in float32 (float64 for float64 input); 0 when no row is valid.
     """
-    check_positive("temperature", temperature)
-    check_nonnegative("ce_weight", ce_weight)
-    if ce_weight and target is None:
-        raise ValueError("target is required when ce_weight > 0 (the cross-entropy needs the next-token ids)")
-    rows_fn = functools.partial(_kd_rows_fn, lam=float(temperature), ce_weight=float(ce_weight))
-    teacher_args = dict(
-        teacher_hidden=teacher_hidden, teacher_weight=teacher_weight, teacher_bias=teacher_bias,
-        teacher_logits=teacher_logits, teacher_topk=teacher_topk, topk_rest=topk_rest,
-    )
-    return _fused_loss(rows_fn, hidden, weight, bias, target, teacher_args, ignore_index, reduction, chunk_size, 1)
+    spec = KD(temperature=temperature)
+    teacher = make_teacher(teacher_hidden, teacher_weight, teacher_bias, teacher_logits, teacher_topk, topk_rest)
+    return fused_linear_loss(spec, hidden, weight, teacher, target, bias=bias, ce_weight=ce_weight,
+                             ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size)
 
-
-def _nkd_rows_fn(z, u, idx, valid, need_grad, *, lam, gamma, ce_weight):
-    return _nkd_rows(z, u, idx, valid, lam, gamma, need_grad, ce_weight=ce_weight)
-
-
-def _kd_rows_fn(z, u, idx, valid, need_grad, *, lam, ce_weight):
-    return _kd_rows(z, u, idx, valid, lam, need_grad, ce_weight=ce_weight)
 
 
 class FusedLinearNKDLoss(nn.Module):
@@ -633,10 +212,7 @@ class FusedLinearNKDLoss(nn.Module):
         chunk_size: int | None = None,
     ):
         super().__init__()
-        check_positive("temperature", temperature)
-        check_nonnegative("gamma", gamma)
-        check_nonnegative("ce_weight", ce_weight)
-        _check_common(topk_rest, ignore_index, reduction, chunk_size)
+        _check_module(NKD(temperature=temperature, gamma=gamma), ce_weight, topk_rest, ignore_index, reduction, chunk_size)
         self.temperature, self.gamma, self.ce_weight = float(temperature), float(gamma), float(ce_weight)
         self.topk_rest, self.ignore_index, self.reduction, self.chunk_size = topk_rest, ignore_index, reduction, chunk_size
 
@@ -678,9 +254,7 @@ class FusedLinearKDLoss(nn.Module):
         chunk_size: int | None = None,
     ):
         super().__init__()
-        check_positive("temperature", temperature)
-        check_nonnegative("ce_weight", ce_weight)
-        _check_common(topk_rest, ignore_index, reduction, chunk_size)
+        _check_module(KD(temperature=temperature), ce_weight, topk_rest, ignore_index, reduction, chunk_size)
         self.temperature, self.ce_weight = float(temperature), float(ce_weight)
         self.topk_rest, self.ignore_index, self.reduction, self.chunk_size = topk_rest, ignore_index, reduction, chunk_size
 
@@ -699,9 +273,14 @@ class FusedLinearKDLoss(nn.Module):
         return f"temperature={self.temperature}, ce_weight={self.ce_weight}, reduction={self.reduction!r}"
 
 
-def _check_common(topk_rest: str, ignore_index: int, reduction: str, chunk_size: int | None) -> None:
+
+def _check_module(spec, ce_weight: float, topk_rest: str, ignore_index: int, reduction: str, chunk_size: int | None) -> None:
+    """A fused module's settings, checked at construction by the same checks its calls run."""
+    from . import _common, chunked
+    from .spec import common_checks
+
+    _common.check_nonnegative("ce_weight", ce_weight)
     if topk_rest not in TOPK_REST:
         raise ValueError(f"topk_rest must be one of {TOPK_REST}, got {topk_rest!r}")
-    check_ignore_index(ignore_index)
-    check_reduction(reduction)
-    _check_chunk_size(chunk_size)
+    common_checks(spec, reduction, ignore_index)
+    chunked._check_chunk_size(chunk_size)

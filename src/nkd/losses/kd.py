@@ -18,23 +18,15 @@ Codes that use the cross-entropy form ``−λ²Σ T^λ log S^λ`` (e.g. cls_KD) 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from ._common import (
-    check_ignore_index,
-    check_pair,
-    check_positive,
-    check_reduction,
-    compute_dtype,
-    kl_terms,
-    no_autocast,
-    parse_rows,
-    reduce_rows,
-)
+from .spec import LossSpec, RowOut, hp, positive, register_loss
 
-__all__ = ["kd_loss", "KDLoss"]
+__all__ = ["kd_loss", "KDLoss", "KD"]
 
 
 def _kd_rows(
@@ -77,88 +69,28 @@ def _kd_rows(
     return loss, grad
 
 
-def kd_loss(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    target: Tensor | None = None,
-    *,
-    temperature: float = 4.0,
-    reduction: str = "mean",
-    ignore_index: int = -100,
-) -> Tensor:
-    r"""Hinton's KD: ``λ²·KL(softmax(u/λ) ‖ softmax(z/λ))`` per row, then ``reduction``.
+@register_loss("kd", function="kd_loss", module="KDLoss")
+@dataclass
+class KD(LossSpec):
+    r"""Hinton's KD, per row with ``S^λ = softmax(z/λ)``, ``T^λ = softmax(u/λ)``::
 
-    .. math::
+        KD_r = λ² · Σ_i T^λ_i (log T^λ_i − log S^λ_i),    ∂KD_r/∂z = λ (S^λ − T^λ)
 
-        \mathrm{KD}_r = \lambda^2 \sum_i T^\lambda_i (\log T^\lambda_i - \log S^\lambda_i),\quad
-        S^\lambda = \mathrm{softmax}(z/\lambda),\ T^\lambda = \mathrm{softmax}(u/\lambda)
-
-    KD does not use the label; ``target`` is optional and only marks rows to leave out (hard
-    labels equal to ``ignore_index``, e.g. padding tokens): those rows are 0 and do not count in
-    the mean. Soft labels ``[..., C]`` are accepted and leave every row in. Training objective
-    (method ``kd``): ``ce_weight·CE + kd_weight·KD`` (defaults 0.1 and 0.9).
-
-    Args:
-        student_logits: ``[..., C]`` floating logits, ``C >= 2``.
-        teacher_logits: same shape as ``student_logits``; detached (treated as a constant).
-        target: optional (default ``None``) int64 labels ``[...]`` or soft labels ``[..., C]``.
-        temperature: λ, a finite number > 0. Default 4.0 = the CIFAR-100 CRD benchmark setting
-            (RepDistiller/mdistiller); official cls_KD: 3 on CIFAR-100, 1 on ImageNet.
-        reduction: ``"mean"`` (default; over non-ignored rows, 0 if none), ``"sum"`` or
-            ``"none"`` (per-row values, shape ``[...]``).
-        ignore_index: hard-label value whose rows are left out (only with ``target``; default -100).
-
-    Returns:
-        ``λ²·KL`` reduced as asked, float32 (float64 for float64 input); floor 0.
-    """
-    check_pair(student_logits, teacher_logits)
-    check_positive("temperature", temperature)
-    check_reduction(reduction)
-    check_ignore_index(ignore_index)
-    dtype = compute_dtype(student_logits.dtype)
-    valid = None
-    if target is not None:
-        valid = parse_rows(student_logits, target, ignore_index, name="student_logits").valid
-    with no_autocast(student_logits):
-        log_s = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
-        log_t = F.log_softmax(teacher_logits.detach().to(dtype) / temperature, dim=-1)
-        per_row = (kl_terms(log_t, log_s).sum(-1) * temperature**2).reshape(-1)
-        if valid is not None:
-            per_row = torch.where(valid, per_row, torch.zeros_like(per_row))
-        return reduce_rows(per_row, valid, reduction, student_logits.shape[:-1])
-
-
-class KDLoss(nn.Module):
-    """Module form of :func:`kd_loss`: ``λ²·KL(softmax(u/λ) ‖ softmax(z/λ))`` per row.
-
-    Args:
-        temperature: λ > 0 (default 4.0 = CIFAR-100 CRD benchmark; cls_KD: 3 on CIFAR-100,
-            1 on ImageNet).
-        reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``.
-        ignore_index: hard-label value whose rows are left out when a target is given (default -100).
+    KD does not use the label: ``target`` only marks rows to leave out (hard labels equal to
+    ``ignore_index``, e.g. padding tokens); soft labels leave every row in. Training objective
+    (method ``kd``): ``ce_weight·CE + kd_weight·KD`` (defaults 0.1 and 0.9). Floor 0.
     """
 
-    def __init__(self, temperature: float = 4.0, reduction: str = "mean", ignore_index: int = -100):
-        super().__init__()
-        check_positive("temperature", temperature)
-        check_reduction(reduction)
-        check_ignore_index(ignore_index)
-        self.temperature, self.reduction, self.ignore_index = float(temperature), reduction, ignore_index
+    title = "Hinton's KD ``λ²·KL(softmax(u/λ) ‖ softmax(z/λ))``"
+    target = "optional"
+    target_doc = "int64 labels ``[...]`` or soft labels ``[..., C]``; only marks ``ignore_index`` rows to leave out"
+    temperature: float = hp(4.0, positive, "λ > 0; 4.0 = the CIFAR-100 CRD benchmark setting (RepDistiller/mdistiller), "
+                                           "official cls_KD: 3 on CIFAR-100, 1 on ImageNet")
 
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None = None) -> Tensor:
-        """KD of the student to the (frozen) teacher.
+    def rows(self, z, u, r, need_grad, ce_weight: float = 0.0):
+        loss, grad = _kd_rows(z, u, r.index, r.valid, float(self.temperature), need_grad, ce_weight=ce_weight)
+        return RowOut(loss, grad)
 
-        Args:
-            student_logits: ``[..., C]`` floating logits.
-            teacher_logits: ``[..., C]``, same shape; detached.
-            target: optional int64 labels ``[...]`` (or soft ``[..., C]``); only marks rows equal
-                to ``ignore_index`` to leave out.
 
-        Returns:
-            A scalar (``"mean"``/``"sum"``) or per-row values ``[...]`` (``"none"``).
-        """
-        return kd_loss(student_logits, teacher_logits, target, temperature=self.temperature,
-                       reduction=self.reduction, ignore_index=self.ignore_index)
-
-    def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, reduction={self.reduction!r}"
+kd_loss = KD.function
+KDLoss = KD.module

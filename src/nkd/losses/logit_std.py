@@ -41,22 +41,17 @@ Other variants the authors' code defines: MLKD (``mdistiller/distillers/MLKD.py`
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from dataclasses import dataclass
 
-from ._common import (
-    check_ignore_index,
-    check_logits,
-    check_nonnegative,
-    check_pair,
-    check_positive,
-    check_reduction,
-    compute_dtype,
-    no_autocast,
-)
-from .dkd import dkd_loss
-from .kd import kd_loss
+from torch import Tensor
 
-__all__ = ["standardize_logits", "kd_zscore_loss", "dkd_zscore_loss", "KDZScoreLoss", "DKDZScoreLoss", "ZSCORE_EPS"]
+from ._common import check_logits, check_positive
+from .dkd import DKD, dkd_rows
+from .kd import KD, _kd_rows
+from .spec import RowOut, hp, positive, register_loss
+
+__all__ = ["standardize_logits", "kd_zscore_loss", "dkd_zscore_loss", "KDZScoreLoss", "DKDZScoreLoss", "ZSCORE_EPS",
+           "KDZScore", "DKDZScore"]
 
 ZSCORE_EPS = 1e-7  # the authors' ε in the denominator
 
@@ -78,164 +73,43 @@ def standardize_logits(logits: Tensor, eps: float = ZSCORE_EPS) -> Tensor:
     return (logits - mean) / (eps + std)
 
 
-def _standardized_pair(student_logits: Tensor, teacher_logits: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    dtype = compute_dtype(student_logits.dtype)
-    z = standardize_logits(student_logits.to(dtype), eps)
-    u = standardize_logits(teacher_logits.detach().to(dtype), eps)
-    return z, u
+_EPS_DOC = "ε > 0 added to the standard deviation (the authors' 1e-7)"
+_TAU_DOC = "base temperature τ > 0 (the authors' default 2; 3 for some CIFAR pairs)"
 
 
-def kd_zscore_loss(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    target: Tensor | None = None,
-    *,
-    temperature: float = 2.0,
-    eps: float = ZSCORE_EPS,
-    reduction: str = "mean",
-    ignore_index: int = -100,
-) -> Tensor:
-    r"""KD on z-scored logits: ``τ²·KL(softmax(ũ/τ) ‖ softmax(z̃/τ))`` per row, then ``reduction``.
+@register_loss("kd_zscore", function="kd_zscore_loss", module="KDZScoreLoss")
+@dataclass
+class KDZScore(KD):
+    """KD on z-scored logits, per row: ``τ²·KL(softmax(ũ/τ) ‖ softmax(z̃/τ))`` with
+    ``x̃ = (x − mean(x)) / (ε + std(x))`` for the student and the teacher (unbiased std).
+    Training objective (method ``kd_zscore``): ``ce_weight·CE + kd_weight·KD_z``. Floor 0."""
 
-    Args:
-        student_logits, teacher_logits: ``[..., C]`` of equal shape, ``C >= 2``; the teacher is
-            detached.
-        target: optional int64 labels ``[...]`` that only mark rows to leave out
-            (``ignore_index``), or soft labels ``[..., C]`` (every row kept).
-        temperature: base temperature τ > 0 (authors' default 2; 3 for some CIFAR pairs).
-        eps: ε > 0 added to the standard deviation (authors: 1e-7).
-        reduction: ``"mean"`` over non-ignored rows, ``"sum"`` or ``"none"`` (shape ``[...]``).
-        ignore_index: hard-label value whose rows are left out.
-    """
-    check_pair(student_logits, teacher_logits)
-    check_positive("temperature", temperature)
-    check_positive("eps", eps)
-    check_reduction(reduction)
-    check_ignore_index(ignore_index)
-    with no_autocast(student_logits):
-        z, u = _standardized_pair(student_logits, teacher_logits, eps)
-        return kd_loss(z, u, target, temperature=temperature, reduction=reduction, ignore_index=ignore_index)
+    title = "KD on z-scored logits"
+    temperature: float = hp(2.0, positive, _TAU_DOC)
+    eps: float = hp(ZSCORE_EPS, positive, _EPS_DOC)
+
+    def rows(self, z, u, r, need_grad):
+        zs, us = standardize_logits(z, self.eps), standardize_logits(u, self.eps)
+        return RowOut(_kd_rows(zs, us, r.index, r.valid, float(self.temperature), False)[0])
 
 
-def dkd_zscore_loss(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    target: Tensor,
-    *,
-    alpha: float = 1.0,
-    beta: float = 8.0,
-    temperature: float = 2.0,
-    eps: float = ZSCORE_EPS,
-    reduction: str = "mean",
-    ignore_index: int = -100,
-) -> Tensor:
-    r"""DKD on z-scored logits: ``α·TCKD(z̃, ũ) + β·NCKD(z̃, ũ)`` at temperature τ, without CE and warm-up.
+@register_loss("dkd_zscore", function="dkd_zscore_loss", module="DKDZScoreLoss")
+@dataclass
+class DKDZScore(DKD):
+    """DKD on z-scored logits: ``α·TCKD(z̃, ũ) + β·NCKD(z̃, ũ)`` at base temperature τ (both scaled
+    by τ²), with ``x̃ = (x − mean(x)) / (ε + std(x))``. The authors' runs fold their ``--kd-weight``
+    w into α and β (``α·w``, ``β·w``): method ``dkd_zscore`` does (its ``kd_weight``)."""
 
-    The authors' runs fold their ``--kd-weight`` w into α and β (``α·w``, ``β·w``); pass those
-    products here, or keep α, β and multiply the loss by w.
+    title = "DKD on z-scored logits (no CE, no warm-up)"
+    temperature: float = hp(2.0, positive, _TAU_DOC)
+    eps: float = hp(ZSCORE_EPS, positive, _EPS_DOC)
 
-    Args:
-        student_logits, teacher_logits: ``[..., C]`` of equal shape, ``C >= 2``.
-        target: int64 labels ``[...]`` (``ignore_index`` allowed) or soft labels ``[..., C]``
-            (``t = argmax``).
-        alpha: weight α ≥ 0 of TCKD (default 1; the authors use ``1·w``).
-        beta: weight β ≥ 0 of NCKD (default 8; the authors use ``β·w`` with β from their logs).
-        temperature: base temperature τ > 0 (authors' default 2).
-        eps: ε > 0 added to the standard deviation (authors: 1e-7).
-        reduction: ``"mean"`` over non-ignored rows, ``"sum"`` or ``"none"`` (shape ``[...]``).
-        ignore_index: hard-label value whose rows are left out.
-    """
-    check_pair(student_logits, teacher_logits)
-    check_nonnegative("alpha", alpha)
-    check_nonnegative("beta", beta)
-    check_positive("temperature", temperature)
-    check_positive("eps", eps)
-    check_reduction(reduction)
-    check_ignore_index(ignore_index)
-    with no_autocast(student_logits):
-        z, u = _standardized_pair(student_logits, teacher_logits, eps)
-        return dkd_loss(z, u, target, alpha=alpha, beta=beta, temperature=temperature, reduction=reduction,
-                        ignore_index=ignore_index)
+    def rows(self, z, u, r, need_grad):
+        zs, us = standardize_logits(z, self.eps), standardize_logits(u, self.eps)
+        return RowOut(dkd_rows(zs, us, r.index, r.valid, self.alpha, self.beta, self.temperature))
 
 
-class KDZScoreLoss(nn.Module):
-    """Module form of :func:`kd_zscore_loss`: ``τ²·KL(softmax(ũ/τ) ‖ softmax(z̃/τ))`` per row on z-scored logits.
-
-    Args:
-        temperature: base temperature τ > 0 (default 2, the authors' default).
-        eps: ε > 0 added to the standard deviation (default 1e-7).
-        reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``.
-        ignore_index: hard-label value whose rows are left out when a target is given (default -100).
-    """
-
-    def __init__(self, temperature: float = 2.0, eps: float = ZSCORE_EPS, reduction: str = "mean",
-                 ignore_index: int = -100):
-        super().__init__()
-        check_positive("temperature", temperature)
-        check_positive("eps", eps)
-        check_reduction(reduction)
-        check_ignore_index(ignore_index)
-        self.temperature, self.eps = float(temperature), float(eps)
-        self.reduction, self.ignore_index = reduction, ignore_index
-
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None = None) -> Tensor:
-        """KD of the z-scored student logits to the z-scored (frozen) teacher logits.
-
-        Args:
-            student_logits: ``[..., C]`` floating logits.
-            teacher_logits: ``[..., C]``, same shape; detached.
-            target: optional int64 labels ``[...]`` (or soft ``[..., C]``); only marks rows equal
-                to ``ignore_index`` to leave out.
-
-        Returns:
-            A scalar (``"mean"``/``"sum"``) or per-row values ``[...]`` (``"none"``).
-        """
-        return kd_zscore_loss(student_logits, teacher_logits, target, temperature=self.temperature, eps=self.eps,
-                              reduction=self.reduction, ignore_index=self.ignore_index)
-
-    def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, eps={self.eps}, reduction={self.reduction!r}"
-
-
-class DKDZScoreLoss(nn.Module):
-    """Module form of :func:`dkd_zscore_loss`: ``α·TCKD + β·NCKD`` at base temperature τ on z-scored logits.
-
-    Args:
-        alpha: weight α ≥ 0 of TCKD (default 1).
-        beta: weight β ≥ 0 of NCKD (default 8).
-        temperature: base temperature τ > 0 (default 2).
-        eps: ε > 0 added to the standard deviation (default 1e-7).
-        reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``.
-        ignore_index: hard-label value whose rows are left out (default -100).
-    """
-
-    def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 2.0, eps: float = ZSCORE_EPS,
-                 reduction: str = "mean", ignore_index: int = -100):
-        super().__init__()
-        check_nonnegative("alpha", alpha)
-        check_nonnegative("beta", beta)
-        check_positive("temperature", temperature)
-        check_positive("eps", eps)
-        check_reduction(reduction)
-        check_ignore_index(ignore_index)
-        self.alpha, self.beta, self.temperature, self.eps = float(alpha), float(beta), float(temperature), float(eps)
-        self.reduction, self.ignore_index = reduction, ignore_index
-
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor) -> Tensor:
-        """DKD of the z-scored student logits to the z-scored (frozen) teacher logits.
-
-        Args:
-            student_logits: ``[..., C]`` floating logits.
-            teacher_logits: ``[..., C]``, same shape; detached.
-            target: int64 labels ``[...]`` (``ignore_index`` allowed) or soft labels ``[..., C]``
-                (``t = argmax``).
-
-        Returns:
-            A scalar (``"mean"``/``"sum"``) or per-row values ``[...]`` (``"none"``).
-        """
-        return dkd_zscore_loss(student_logits, teacher_logits, target, alpha=self.alpha, beta=self.beta,
-                               temperature=self.temperature, eps=self.eps, reduction=self.reduction,
-                               ignore_index=self.ignore_index)
-
-    def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, beta={self.beta}, temperature={self.temperature}, eps={self.eps}"
+kd_zscore_loss = KDZScore.function
+dkd_zscore_loss = DKDZScore.function
+KDZScoreLoss = KDZScore.module
+DKDZScoreLoss = DKDZScore.module

@@ -44,22 +44,14 @@ published numbers: docs/methods.md, section NKD.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from ._common import (
-    check_nonnegative,
-    check_pair,
-    check_positive,
-    check_reduction,
-    compute_dtype,
-    no_autocast,
-    parse_rows,
-    reduce_rows,
-    row_loss_with_grad,
-)
+from .spec import LossSpec, RowOut, hp, nonnegative, positive, register_loss
 
-__all__ = ["nkd_loss", "NKDLoss"]
+__all__ = ["nkd_loss", "NKDLoss", "NKD"]
 
 
 def _nkd_rows(
@@ -115,20 +107,10 @@ def _nkd_rows(
     return loss, grad
 
 
-def nkd_loss(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    target: Tensor,
-    *,
-    temperature: float = 1.0,
-    gamma: float = 1.5,
-    reduction: str = "mean",
-    ignore_index: int = -100,
-    return_parts: bool = False,
-) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
-    """Normalized KD loss ``L_t + L_non`` per row, then ``reduction`` (the CE term is not included).
-
-    Per row with target ``t``, student logits ``z`` and teacher logits ``u``::
+@register_loss("nkd", function="nkd_loss", module="NKDLoss")
+@dataclass
+class NKD(LossSpec):
+    """Per row with target ``t``, student logits ``z`` and teacher logits ``u``::
 
         S = softmax(z),  T = softmax(u)                          (temperature 1)
         L_t   = − T_t · log S_t                                  (T_t: a constant, no gradient)
@@ -138,96 +120,28 @@ def nkd_loss(
 
     Training objective (method ``nkd``): ``ce_weight · CE(z, y) + NKD`` with ``ce_weight = 1``.
     The minimum of ``L_non`` over the student is ``γλ²·H(T̂)`` ≤ ``γλ²·ln(C − 1)``, not 0 (C = 10,
-    λ = 3, γ = 3.5: up to 69.2), so large logged values are expected when ``γλ²`` is large.
-
-    Args:
-        student_logits: ``[..., C]`` floating logits, ``C >= 2``.
-        teacher_logits: same shape as ``student_logits``; treated as constants (detached).
-        target: int64 labels ``[...]`` with values in ``[0, C)`` or ``ignore_index``, or soft
-            labels ``[..., C]`` (rows ≥ 0 summing to 1; ``t = argmax`` of the row, first index on
-            ties, the second mixed class stays a non-target).
-        temperature: λ, a finite number > 0, applied to the non-target term only. Default 1.0 =
-            the published ImageNet setting (also the DeiT pairs); the official CIFAR-100 setting
-            (ResNet34→ResNet18) is ``temperature=3``.
-        gamma: γ, a finite number ≥ 0, weight of the non-target term. Default 1.5 = the published
-            ImageNet setting for ResNet34→ResNet18 and ResNet50→MobileNetV1; DeiT pairs use
-            ``gamma=1.0``; the official CIFAR-100 setting is ``gamma=3.5``.
-        reduction: ``"mean"`` (default; over non-ignored rows, 0 if none), ``"sum"`` or
-            ``"none"`` (per-row values, shape ``[...]``, 0 on ignored rows).
-        ignore_index: hard-label value whose rows are left out of the loss and of the mean
-            (default -100).
-        return_parts: also return the detached, reduced parts ``{"target": L_t,
-            "non_target": L_non}`` (they sum to the loss), for logging.
-
-    Returns:
-        The loss, float32 (float64 for float64 input): a scalar, or ``[...]`` for
-        ``reduction="none"``; with ``return_parts``, ``(loss, parts)``. Sources and published
-        numbers: docs/methods.md, section NKD.
-    """
-    check_pair(student_logits, teacher_logits)
-    check_positive("temperature", temperature)
-    check_nonnegative("gamma", gamma)
-    check_reduction(reduction)
-    rows = parse_rows(student_logits, target, ignore_index, name="student_logits")
-    dtype = compute_dtype(student_logits.dtype)
-    with no_autocast(student_logits):
-        z = rows.logits.to(dtype)
-        u = teacher_logits.detach().reshape(z.shape).to(dtype)
-        need_grad = torch.is_grad_enabled() and z.requires_grad
-        with torch.no_grad():
-            parts: dict[str, Tensor] | None = {} if return_parts else None
-            loss, grad = _nkd_rows(z.detach(), u, rows.index, rows.valid, float(temperature), float(gamma), need_grad,
-                                   parts=parts)
-        per_row = row_loss_with_grad(loss, z, grad)
-        out = reduce_rows(per_row, rows.valid, reduction, rows.lead_shape)
-        if parts is None:
-            return out
-        return out, {k: reduce_rows(v, rows.valid, reduction, rows.lead_shape) for k, v in parts.items()}
-
-
-class NKDLoss(nn.Module):
-    """Module form of :func:`nkd_loss`: ``NKD = L_t + L_non`` with fixed hyper-parameters.
-
-    ``L_t = −T_t·log S_t`` (teacher probability detached) and
-    ``L_non = −γλ²·Σ_{i≠t} T̂_i·log Ŝ_i`` over the non-target classes renormalized at
-    temperature λ (formulas in :func:`nkd_loss`). No parameters are learned.
-
-    Args:
-        temperature: λ > 0 (default 1.0 = ImageNet; official CIFAR-100: 3).
-        gamma: γ ≥ 0 (default 1.5 = ImageNet ResNet pairs; DeiT pairs: 1.0; official
-            CIFAR-100: 3.5).
-        reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``.
-        ignore_index: hard-label value whose rows are left out (default -100).
+    λ = 3, γ = 3.5: up to 69.2), so large logged values are expected when ``γλ²`` is large. Soft
+    labels use ``t = argmax`` (the second mixed class stays a non-target). Parts: ``target`` = L_t,
+    ``non_target`` = L_non. Sources and published numbers: docs/methods.md, section NKD.
     """
 
-    def __init__(self, temperature: float = 1.0, gamma: float = 1.5, reduction: str = "mean", ignore_index: int = -100):
-        super().__init__()
-        check_positive("temperature", temperature)
-        check_nonnegative("gamma", gamma)
-        check_reduction(reduction)
-        self.temperature, self.gamma = float(temperature), float(gamma)
-        self.reduction, self.ignore_index = reduction, ignore_index
+    title = "Normalized KD ``L_t + L_non`` (the CE term not included)"
+    temperature: float = hp(1.0, positive, "λ > 0, applied to the non-target term only; 1.0 = the published ImageNet "
+                                           "setting (also DeiT), the official CIFAR-100 setting is 3")
+    gamma: float = hp(1.5, nonnegative, "γ ≥ 0, weight of the non-target term; 1.5 = ImageNet ResNet pairs, 1.0 = "
+                                        "DeiT pairs, 3.5 = the official CIFAR-100 setting")
+    dense_analytic = True
+    parts = ("target", "non_target")
 
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor) -> Tensor:
-        """NKD of the student to the (frozen) teacher, without the CE term.
+    def min_topk(self, rest):
+        return 2 if rest == "zero" else 1  # "zero": K∖{t} must not be empty
 
-        Args:
-            student_logits: ``[..., C]`` floating logits.
-            teacher_logits: ``[..., C]``, same shape; detached.
-            target: int64 labels ``[...]`` or soft labels ``[..., C]``.
+    def rows(self, z, u, r, need_grad, ce_weight: float = 0.0):
+        parts: dict[str, Tensor] = {}
+        loss, grad = _nkd_rows(z, u, r.index, r.valid, float(self.temperature), float(self.gamma), need_grad,
+                               ce_weight=ce_weight, parts=parts)
+        return RowOut(loss, grad, parts)
 
-        Returns:
-            A scalar (``"mean"``/``"sum"``) or per-row values ``[...]`` (``"none"``).
-        """
-        return nkd_loss(
-            student_logits,
-            teacher_logits,
-            target,
-            temperature=self.temperature,
-            gamma=self.gamma,
-            reduction=self.reduction,
-            ignore_index=self.ignore_index,
-        )
 
-    def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, gamma={self.gamma}, reduction={self.reduction!r}"
+nkd_loss = NKD.function
+NKDLoss = NKD.module

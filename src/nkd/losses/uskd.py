@@ -47,34 +47,19 @@ July 2023). Sources, weak-head placement and published numbers: docs/methods.md,
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
-from ._common import (
-    check_logits,
-    check_nonnegative,
-    check_reduction,
-    compute_dtype,
-    log_softmax_without,
-    no_autocast,
-    parse_rows,
-    reduce_rows,
-    row_loss_with_grad,
-    zipf_labels,
-)
+from ._common import log_softmax_without, zipf_labels
+from .dense import dense_loss
+from .spec import Input, LossSpec, RowOut, common_checks, hp, nonnegative, one_of, register_loss
 
-__all__ = ["uskd_loss", "USKDLoss", "RANK_MODES", "uskd_targets"]
+__all__ = ["uskd_loss", "USKDLoss", "RANK_MODES", "uskd_targets", "USKD"]
 
 RANK_MODES = ("paper", "official")
 _EPS = 1e-6
-
-
-def _check_params(alpha: float, beta: float, mu: float, rank: str, reduction: str) -> None:
-    for name, val in (("alpha", alpha), ("beta", beta), ("mu", mu)):
-        check_nonnegative(name, val)
-    if rank not in RANK_MODES:
-        raise ValueError(f"rank must be one of {RANK_MODES}, got {rank!r}")
-    check_reduction(reduction)
 
 
 def uskd_targets(index: Tensor, soft: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -169,22 +154,10 @@ def _uskd_rows(z, w, idx, v, has2, valid, soft, alpha, beta, mu, rank, need_grad
     return loss, grad_z, grad_w, parts
 
 
-def uskd_loss(
-    logits: Tensor,
-    weak_logits: Tensor,
-    target: Tensor,
-    *,
-    alpha: float = 1.0,
-    beta: float = 0.1,
-    mu: float = 0.005,
-    rank: str = "paper",
-    reduction: str = "mean",
-    ignore_index: int = -100,
-    return_parts: bool = False,
-) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
-    """USKD loss ``α·L_t + β·L_non + L_weak`` per row, then ``reduction`` (CE not included).
-
-    With ``s = softmax(z)`` for the final logits ``z``, weak logits ``w``, targets ``t_k`` with
+@register_loss("uskd", function="uskd_loss")
+@dataclass
+class USKD(LossSpec):
+    """With ``s = softmax(z)`` for the final logits ``z``, weak logits ``w``, targets ``t_k`` with
     weights ``v_k`` (``k ≤ K``, K = 1 for hard labels, up to 2 for soft labels)::
 
         p_k   = sg(s_{t_k}² + v_k − mean_batch(s_{t_k}²))     (0 where a row has no k-th target)
@@ -197,62 +170,40 @@ def uskd_loss(
         USKD  = α·L_t + β·L_non + L_weak
 
     ``ŝ = softmax(z)`` for ``rank="paper"``, ``log_softmax(z)`` for ``rank="official"``. The batch
-    mean couples the rows passed in one call (under DDP: per process). Training objective
-    (method ``uskd``): ``ce_weight·CE(z, y) + USKD`` with ``ce_weight = 1``.
-
-    Args:
-        logits: final student logits ``z`` ``[..., C]``; ``C >= 2`` (``C >= 3`` for soft labels).
-        weak_logits: weak-head logits ``w``, same shape as ``logits``; gradients reach them.
-        target: int64 labels ``[...]`` (values in ``[0, C)`` or ``ignore_index``) or soft labels
-            ``[..., C]`` (the two largest entries are the targets).
-        alpha: α ≥ 0, weight of ``L_t``. Default 1.0 = ImageNet; CIFAR-100: 0.1.
-        beta: β ≥ 0, weight of ``L_non``. Default 0.1 (ImageNet and CIFAR-100).
-        mu: μ ≥ 0, weight of ``L_weak``. Default 0.005 = ImageNet; CIFAR-100: 0.1.
-        rank: ``"paper"`` (default; softmax in the rank score — the paper and its first release)
-            or ``"official"`` (log-softmax — the current official code).
-        reduction: ``"mean"`` (default; over non-ignored rows, 0 if none), ``"sum"`` or
-            ``"none"`` (per-row values, shape ``[...]``).
-        ignore_index: hard-label value whose rows are left out of the loss and of the batch mean
-            (default -100).
-        return_parts: also return the detached, reduced parts ``{"target": α·L_t,
-            "non_target": β·L_non, "weak": L_weak}`` (they sum to the loss), for logging.
-
-    Returns:
-        The loss in float32 (float64 for float64 input): a scalar, or ``[...]`` for ``"none"``;
-        with ``return_parts``, ``(loss, parts)``.
+    mean couples the rows passed in one call (under DDP: per process; ``ignore_index`` rows are
+    out of it). Training objective (method ``uskd``): ``ce_weight·CE(z, y) + USKD`` with
+    ``ce_weight = 1``. Parts: ``target`` = α·L_t, ``non_target`` = β·L_non, ``weak`` = L_weak.
     """
-    check_logits("logits", logits)
-    check_logits("weak_logits", weak_logits)
-    if weak_logits.shape != logits.shape:
-        raise ValueError(
-            f"weak_logits must have the same shape as logits: got {tuple(weak_logits.shape)} vs {tuple(logits.shape)}"
-        )
-    _check_params(alpha, beta, mu, rank, reduction)
-    rows = parse_rows(logits, target, ignore_index, name="logits")
-    if rows.soft is not None and rows.num_classes < 3:
-        raise ValueError(
-            f"USKD with soft labels needs at least 3 classes (two targets plus a non-target), got C={rows.num_classes}"
-        )
-    dtype = compute_dtype(logits.dtype)
-    with no_autocast(logits):
-        z = rows.logits.to(dtype)
-        w = weak_logits.reshape(z.shape).to(dtype)
-        idx, v, has2 = uskd_targets(rows.index, rows.soft)
-        need_grad = torch.is_grad_enabled() and (z.requires_grad or w.requires_grad)
-        with torch.no_grad():
-            loss, gz, gw, parts = _uskd_rows(
-                z.detach(), w.detach(), idx, v, has2, rows.valid, rows.soft,
-                float(alpha), float(beta), float(mu), rank, need_grad,
+
+    title = "USKD ``α·L_t + β·L_non + L_weak`` (CE not included)"
+    inputs = (Input("logits", "final student logits ``z`` ``[..., C]``; ``C >= 2`` (``C >= 3`` for soft labels)"),
+              Input("weak_logits", "weak-head logits ``w``, same shape as ``logits``; gradients reach them"))
+    target_doc = ("int64 labels ``[...]`` (values in ``[0, C)`` or ``ignore_index``) or soft labels ``[..., C]`` "
+                  "(the two largest entries are the targets)")
+    detach_second = False
+    row_wise = False
+    dense_analytic = True
+    parts = ("target", "non_target", "weak")
+    alpha: float = hp(1.0, nonnegative, "α ≥ 0, weight of ``L_t``; 1.0 = ImageNet, CIFAR-100: 0.1")
+    beta: float = hp(0.1, nonnegative, "β ≥ 0, weight of ``L_non``; 0.1 on ImageNet and CIFAR-100")
+    mu: float = hp(0.005, nonnegative, "μ ≥ 0, weight of ``L_weak``; 0.005 = ImageNet, CIFAR-100: 0.1")
+    rank: str = hp("paper", one_of(*RANK_MODES), '``"paper"`` (softmax in the rank score — the paper and its first '
+                                                 'release) or ``"official"`` (log-softmax — the current official code)')
+
+    def check_rows(self, rows):
+        if rows.soft is not None and rows.num_classes < 3:
+            raise ValueError(
+                f"USKD with soft labels needs at least 3 classes (two targets plus a non-target), got C={rows.num_classes}"
             )
-        if need_grad and not z.requires_grad:
-            z, gz, w, gw = w, gw, None, None
-        elif need_grad and not w.requires_grad:
-            w, gw = None, None
-        per_row = row_loss_with_grad(loss, z, gz, w, gw)
-        out = reduce_rows(per_row, rows.valid, reduction, rows.lead_shape)
-        if not return_parts:
-            return out
-        return out, {k: reduce_rows(v, rows.valid, reduction, rows.lead_shape) for k, v in parts.items()}
+
+    def rows(self, z, w, r, need_grad):
+        idx, v, has2 = uskd_targets(r.index, r.soft)
+        loss, gz, gw, parts = _uskd_rows(z, w, idx, v, has2, r.valid, r.soft, float(self.alpha), float(self.beta),
+                                         float(self.mu), self.rank, need_grad)
+        return RowOut(loss, (gz, gw), parts)
+
+
+uskd_loss = USKD.function
 
 
 class USKDLoss(nn.Module):
@@ -296,10 +247,11 @@ class USKDLoss(nn.Module):
             raise ValueError(f"in_features must be a positive int, got {in_features!r}")
         if not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
-        _check_params(alpha, beta, mu, rank, reduction)
+        self.spec = USKD(alpha, beta, mu, rank)
+        common_checks(USKD, reduction, ignore_index)
         self.head = nn.Linear(in_features, num_classes)
-        self.alpha, self.beta, self.mu = float(alpha), float(beta), float(mu)
-        self.rank, self.reduction, self.ignore_index = rank, reduction, ignore_index
+        self.alpha, self.beta, self.mu, self.rank = self.spec.alpha, self.spec.beta, self.spec.mu, self.spec.rank
+        self.reduction, self.ignore_index = reduction, ignore_index
 
     def forward(self, features: Tensor, logits: Tensor, target: Tensor) -> Tensor:
         """USKD of one batch, without the CE term.
@@ -318,11 +270,11 @@ class USKDLoss(nn.Module):
             raise ValueError(
                 f"features must have {self.head.in_features} channels in the last dimension, got shape {tuple(features.shape)}"
             )
-        weak = self.head(features)
-        return uskd_loss(
-            logits, weak, target, alpha=self.alpha, beta=self.beta, mu=self.mu,
-            rank=self.rank, reduction=self.reduction, ignore_index=self.ignore_index,
-        )
+        return dense_loss(self.spec, logits, self.head(features), target=target, reduction=self.reduction,
+                          ignore_index=self.ignore_index)
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, beta={self.beta}, mu={self.mu}, rank={self.rank!r}"
+
+
+USKD.module = USKDLoss  # type: ignore[attr-defined]  # the module form owns the weak head, so it is written by hand

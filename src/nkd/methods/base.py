@@ -3,9 +3,9 @@
 
 A method is a small class (see :mod:`nkd.methods.teacher` and :mod:`nkd.methods.selfkd`):
 
-* ``Params``: a dataclass of its hyper-parameters that checks itself (``checks()``) with the
-  same validators as the loss functions, so a bad value is a config error before anything runs;
-  defaults come from the loss functions' own signatures (one set of defaults);
+* ``Params``: a dataclass of its hyper-parameters — for a method built on a loss, a subclass of
+  the loss's spec (:mod:`nkd.losses.spec`) that adds the method's weights, so each parameter's
+  default and check is written once (a bad value is a config error before anything runs);
 * ``teacher_outputs``: what it needs from the frozen teacher — ``()`` (self-KD), ``("logits",)``,
   or ``("logits", "features")`` for feature methods;
 * ``modules(student)``: extra trainable modules it owns (USKD's weak head), trained and
@@ -15,21 +15,23 @@ A method is a small class (see :mod:`nkd.methods.teacher` and :mod:`nkd.methods.
   the terms of the objective (summed and back-propagated); any other key is a detached metric
   that is only logged (e.g. the parts of a loss, a weak head's accuracy).
 
-Adding a method = one class in one file + one ``@register("name")`` line.
+A method that is "``ce_weight·CE + weight·loss``" is a :class:`LossMethod`: it names its loss key
+and its weight, and the loss, its parts and their log names come from the spec. Adding a method =
+one class in one file + one ``@register("name")`` line.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..losses._common import check_nonnegative, check_positive
+from ..losses.dense import dense_loss
+from ..losses.spec import hp, nonnegative
 from ..registry import Registry
 from ..typed import build_dataclass, collect
 
@@ -47,11 +49,6 @@ def register(name: str) -> Callable[[type], type]:
     return deco
 
 
-def default_of(fn: Callable, name: str) -> Any:
-    """The default of argument ``name`` of ``fn`` — a method's parameter defaults are its loss's."""
-    return inspect.signature(fn).parameters[name].default
-
-
 def ce(logits: Tensor, target: Tensor) -> Tensor:
     """Cross-entropy with hard ``[N]`` or soft ``[N, C]`` targets, computed in float32."""
     return F.cross_entropy(logits.float(), target.float() if target.is_floating_point() else target)
@@ -59,20 +56,32 @@ def ce(logits: Tensor, target: Tensor) -> Tensor:
 
 @dataclasses.dataclass
 class Params:
-    """Base of the methods' parameter dataclasses: ``__post_init__`` runs every check of
-    :meth:`checks` and reports all failures at once (:class:`nkd.typed.Problems`)."""
-
-    positive: ClassVar[tuple[str, ...]] = ("temperature",)  # float fields that must be > 0
+    """Parameters of a method without any (``ce``); methods built on a loss subclass its spec."""
 
     def __post_init__(self) -> None:
-        collect(*self.checks())
+        collect(*[(f.metadata["check"], f.name, getattr(self, f.name)) for f in dataclasses.fields(self)
+                  if "check" in f.metadata])
 
-    def checks(self) -> Iterable[tuple]:
-        """``(check, name, value, ...)`` tuples; by default every float field is finite and ≥ 0
-        (> 0 for the names in ``positive``), the validators the loss functions use."""
-        return [(check_positive if f.name in self.positive else check_nonnegative, f.name, getattr(self, f.name))
-                for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), (int, float))
-                and not isinstance(getattr(self, f.name), bool)]
+
+def ce_weight(default: float) -> Any:
+    """The ``ce_weight`` field of a method: weight ≥ 0 of the cross-entropy with the label."""
+    return hp(default, nonnegative, "w_ce ≥ 0, weight of the cross-entropy with the label")
+
+
+def kd_weight(default: float, doc: str = "w_kd ≥ 0, weight of the distillation term") -> Any:
+    """The ``kd_weight`` field of a method: weight ≥ 0 of its distillation term."""
+    return hp(default, nonnegative, doc)
+
+
+def nonnegative_int(name: str, value: Any) -> None:
+    """An int >= 0."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+
+
+def warmup_epochs(default: int = 20) -> Any:
+    """The ``warmup_epochs`` field of a ramped method: the linear warm-up's length ``W``."""
+    return hp(default, nonnegative_int, "W, epochs of the linear warm-up ``min((e+1)/W, 1)`` of the distillation term")
 
 
 class Method:
@@ -81,6 +90,7 @@ class Method:
     name: ClassVar[str] = "base"
     Params: ClassVar[type] = Params
     teacher_outputs: ClassVar[tuple[str, ...]] = ()
+    objective: ClassVar[str] = ""  # the training objective, for the docs' method table
 
     def __init__(self, params: Params, num_classes: int):
         self.p = params
@@ -106,6 +116,38 @@ class Method:
     def losses(self, out: dict[str, Tensor], teacher: dict[str, Tensor] | None, target: Tensor,
                epoch: int) -> dict[str, Tensor]:
         raise NotImplementedError
+
+
+class LossMethod(Method):
+    """``ce_weight·CE + weight(epoch)·L`` for the loss ``L`` whose spec ``Params`` subclasses.
+
+    Logs ``loss_ce`` (when the params have ``ce_weight``), ``loss_<key>`` and the spec's parts as
+    ``<key>_<part>``. A spec whose second input is the teacher's logits gets ``teacher_outputs =
+    ("logits",)`` and is called with them.
+    """
+
+    key: ClassVar[str] = ""
+    objective = "ce_weight·CE + kd_weight·L"
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        p = cls.__dict__.get("Params")
+        if p is not None and len(getattr(p, "inputs", ())) == 2 and getattr(p, "detach_second", False):
+            cls.teacher_outputs = ("logits",)
+
+    def weight(self, epoch: int) -> float | None:
+        """The distillation term's weight at ``epoch``; ``None`` = 1 (no multiplication)."""
+        w = getattr(self.p, "kd_weight", None)
+        return None if w is None else w
+
+    def losses(self, out, teacher, target, epoch):
+        z, p = out["logits"], self.p
+        tensors = (z, teacher["logits"]) if self.teacher_outputs else (z,)
+        loss, parts = dense_loss(p, *tensors, target=target, return_parts=True)
+        w = self.weight(epoch)
+        terms = {} if getattr(p, "ce_weight", None) is None else {"loss_ce": p.ce_weight * ce(z, target)}
+        terms[f"loss_{self.key}"] = loss if w is None else w * loss
+        return {**terms, **{f"{self.key}_{k}": v for k, v in parts.items()}}
 
 
 class Trainable(nn.Module):
@@ -148,8 +190,28 @@ class Teacher(nn.Module):
         return {"logits": self.model(x)}
 
 
+def derive_methods() -> None:
+    """Register a :class:`LossMethod` for every loss spec registered with ``method=`` defaults that
+    has no method yet: its params are the spec plus ``ce_weight`` and ``kd_weight``, its objective
+    ``ce_weight·CE + kd_weight·loss``, logged as ``loss_ce`` and ``loss_<name>`` (+ parts)."""
+    from ..losses.spec import LOSS_SPECS
+
+    for name, spec in LOSS_SPECS.items():
+        defaults = getattr(spec, "method_defaults", None)
+        if defaults is None or name in METHODS:
+            continue
+        params = dataclasses.make_dataclass(
+            f"{spec.__name__}Params",
+            [("ce_weight", float, ce_weight(defaults.get("ce_weight", 1.0))),
+             ("kd_weight", float, kd_weight(defaults.get("kd_weight", 1.0)))], bases=(spec,))
+        params.__module__ = spec.__module__
+        register(name)(type(f"{spec.__name__}Method", (LossMethod,), {"Params": params, "key": name,
+                                                                      "__module__": spec.__module__}))
+
+
 def method_params(name: str, params: dict[str, Any] | None, problems: list[str]) -> Params | None:
     """The params dataclass of method ``name`` built from ``params``; problems are recorded."""
+    derive_methods()
     if name not in METHODS:
         problems.append(f"method.name: {METHODS.unknown(name)}")
         return None
@@ -179,3 +241,17 @@ def build_method(name: str, params: dict[str, Any], num_classes: int, student: n
         raise ConfigError(problems)
     method = METHODS[name](p, num_classes)
     return method, Trainable(student, method)
+
+
+def methods_table() -> str:
+    """The Markdown table of every registered method (docs/methods.md, "Using a method"): name,
+    objective, loss function/module and parameters with defaults — derived from the registries."""
+    derive_methods()
+    rows = ["| `method.name` | training objective (what the trainer minimizes) | loss functions / modules | "
+            "`method.params` (default) |", "|---|---|---|---|"]
+    for name, cls in METHODS.items():
+        spec = next((c for c in cls.Params.__mro__ if "function" in c.__dict__), None)
+        forms = "—" if spec is None else ", ".join(f"`{f.__name__}`" for f in (spec.function, spec.module) if f)
+        params = ", ".join(f"`{f.name}` ({f.default!r})" for f in dataclasses.fields(cls.Params)) or "none"
+        rows.append(f"| `{name}` | `{cls.objective}` | {forms} | {params} |")
+    return "\n".join(rows) + "\n"

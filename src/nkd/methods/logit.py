@@ -13,67 +13,46 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..losses import dist_loss, dkd_zscore_loss, kd_zscore_loss
-from .base import Method, Params, ce, default_of, register
+from ..losses.dist import DIST
+from ..losses.logit_std import DKDZScore, KDZScore
+from .base import LossMethod, ce_weight, kd_weight, register, warmup_epochs
 from .teacher import RampedMethod
 
 
 @dataclasses.dataclass
-class DISTParams(Params):
-    beta: float = default_of(dist_loss, "beta")
-    gamma: float = default_of(dist_loss, "gamma")
-    temperature: float = default_of(dist_loss, "temperature")
-    ce_weight: float = 1.0
-    kd_weight: float = 2.0  # the authors' kd_loss_weight in every published DIST config
+class DISTParams(DIST):
+    ce_weight: float = ce_weight(1.0)
+    kd_weight: float = kd_weight(2.0, "w_kd ≥ 0; 2 = the authors' kd_loss_weight in every published DIST config")
 
 
 @register("dist")
-class DISTMethod(Method):
+class DISTMethod(LossMethod):
+    objective = "ce_weight·CE + kd_weight·DIST"
     Params = DISTParams
-    teacher_outputs = ("logits",)
-
-    def losses(self, out, teacher, target, epoch):
-        z, p = out["logits"], self.p
-        return {"loss_ce": p.ce_weight * ce(z, target),
-                "loss_dist": p.kd_weight * dist_loss(z, teacher["logits"], beta=p.beta, gamma=p.gamma,
-                                                     temperature=p.temperature)}
+    key = "dist"
 
 
 @dataclasses.dataclass
-class KDZScoreParams(Params):
-    temperature: float = default_of(kd_zscore_loss, "temperature")  # base temperature
-    ce_weight: float = 0.1
-    kd_weight: float = 9.0
+class KDZScoreParams(KDZScore):
+    ce_weight: float = ce_weight(0.1)
+    kd_weight: float = kd_weight(9.0)
 
 
 @register("kd_zscore")
-class KDZScoreMethod(Method):
+class KDZScoreMethod(LossMethod):
+    objective = "ce_weight·CE + kd_weight·KD_z"
     Params = KDZScoreParams
-    teacher_outputs = ("logits",)
-
-    def losses(self, out, teacher, target, epoch):
-        z, p = out["logits"], self.p
-        return {"loss_ce": p.ce_weight * ce(z, target),
-                "loss_kd": p.kd_weight * kd_zscore_loss(z, teacher["logits"], temperature=p.temperature)}
+    key = "kd"
 
 
 @dataclasses.dataclass
-class DKDZScoreParams(Params):
-    alpha: float = default_of(dkd_zscore_loss, "alpha")
-    beta: float = default_of(dkd_zscore_loss, "beta")
-    temperature: float = default_of(dkd_zscore_loss, "temperature")  # base temperature
-    kd_weight: float = 9.0  # multiplies α and β, as the authors' --kd-weight
-    ce_weight: float = 1.0
-    warmup_epochs: int = 20
+class DKDZScoreParams(DKDZScore):
+    kd_weight: float = kd_weight(9.0, "w_kd ≥ 0; multiplies α and β, as the authors' --kd-weight")
+    ce_weight: float = ce_weight(1.0)
+    warmup_epochs: int = warmup_epochs()
 
 
 @register("dkd_zscore")
 class DKDZScoreMethod(RampedMethod):
+    objective = "ce_weight·CE + min((e+1)/warmup_epochs, 1)·kd_weight·DKD_z"
     Params = DKDZScoreParams
-
-    def losses(self, out, teacher, target, epoch):
-        z, p = out["logits"], self.p
-        ramp = self.ramp(epoch)
-        return {"loss_ce": p.ce_weight * ce(z, target),
-                "loss_dkd": ramp * p.kd_weight * dkd_zscore_loss(z, teacher["logits"], target, alpha=p.alpha,
-                                                                 beta=p.beta, temperature=p.temperature)}

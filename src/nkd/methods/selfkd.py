@@ -15,84 +15,73 @@ import dataclasses
 
 from torch import nn
 
-from ..losses import RANK_MODES, label_smoothing_loss, tfkd_loss, uskd_loss, zipf_ls_loss
-from ..losses._common import check_range
-from .base import Method, Params, ce, default_of, register
-
-
-@dataclasses.dataclass
-class LSParams(Params):
-    epsilon: float = default_of(label_smoothing_loss, "epsilon")
-
-    def checks(self):
-        return [(check_range, "epsilon", self.epsilon, 0.0, 1.0)]
+from ..losses.dense import dense_loss
+from ..losses.selfkd import LabelSmoothing, TfKD, ZipfLS
+from ..losses.spec import hp, in_range, nonnegative
+from ..losses.uskd import USKD
+from .base import LossMethod, ce, ce_weight, register
 
 
 @register("ls")
-class LSMethod(Method):
-    Params = LSParams
+class LSMethod(LossMethod):
+    """Label smoothing replaces CE: ``loss_ls`` only."""
 
-    def losses(self, out, teacher, target, epoch):
-        return {"loss_ls": label_smoothing_loss(out["logits"], target, epsilon=self.p.epsilon)}
+    objective = "LS_ε(z, y) (replaces CE)"
+
+    Params = LabelSmoothing
+    key = "ls"
 
 
 @dataclasses.dataclass
-class ZipfLSParams(Params):
-    weight: float = 1.0
-    ce_weight: float = 1.0
+class ZipfLSParams(ZipfLS):
+    weight: float = hp(1.0, nonnegative, "weight ≥ 0 of the Zipf term (official CIFAR-100 runs: 0.1)")
+    ce_weight: float = ce_weight(1.0)
 
 
 @register("zipf_ls")
-class ZipfLSMethod(Method):
+class ZipfLSMethod(LossMethod):
+    objective = "ce_weight·CE + weight·ZipfLS"
     Params = ZipfLSParams
+    key = "zipf"
 
-    def losses(self, out, teacher, target, epoch):
-        z = out["logits"]
-        return {"loss_ce": self.p.ce_weight * ce(z, target), "loss_zipf": self.p.weight * zipf_ls_loss(z, target)}
+    def weight(self, epoch):
+        return self.p.weight
 
 
 @dataclasses.dataclass
-class TfKDParams(Params):
-    alpha: float = 0.1
-    temperature: float = default_of(tfkd_loss, "temperature")
-    correct_prob: float = default_of(tfkd_loss, "correct_prob")
-    weight: float = 1.0
-
-    def checks(self):
-        return [*super().checks(), (check_range, "alpha", self.alpha, 0.0, 1.0, False, False),
-                (check_range, "correct_prob", self.correct_prob, 0.0, 1.0, True)]
+class TfKDParams(TfKD):
+    alpha: float = hp(0.1, in_range(0.0, 1.0, False, False), "α in ``[0, 1]``: ``(1−α)·CE + α·weight·TfKD``")
+    weight: float = hp(1.0, nonnegative, "weight ≥ 0 of the Tf-KD term (the reference multiplier / C)")
 
 
 @register("tfkd")
-class TfKDMethod(Method):
+class TfKDMethod(LossMethod):
+    objective = "(1 − alpha)·CE + alpha·weight·TfKD"
     Params = TfKDParams
+    key = "tfkd"
+
+    def weight(self, epoch):
+        return self.p.alpha * self.p.weight
 
     def losses(self, out, teacher, target, epoch):
-        z, p = out["logits"], self.p
-        return {"loss_ce": (1 - p.alpha) * ce(z, target),
-                "loss_tfkd": p.alpha * p.weight * tfkd_loss(z, target, correct_prob=p.correct_prob,
-                                                            temperature=p.temperature)}
+        return {"loss_ce": (1 - self.p.alpha) * ce(out["logits"], target), **super().losses(out, teacher, target, epoch)}
 
 
 @dataclasses.dataclass
-class USKDParams(Params):
-    alpha: float = default_of(uskd_loss, "alpha")
-    beta: float = default_of(uskd_loss, "beta")
-    mu: float = default_of(uskd_loss, "mu")
-    rank: str = default_of(uskd_loss, "rank")
-    ce_weight: float = 1.0
-
-    def checks(self):
-        def rank_ok(name, value):
-            if value not in RANK_MODES:
-                raise ValueError(f"{name} must be one of {RANK_MODES}, got {value!r}")
-
-        return [*super().checks(), (rank_ok, "rank", self.rank)]
+class USKDParams(USKD):
+    ce_weight: float = ce_weight(1.0)
 
 
 @register("uskd")
-class USKDMethod(Method):
+class USKDMethod(LossMethod):
+    """``loss_ce``, ``loss_uskd``; logged only: its parts ``uskd_target`` (α·L_t), ``uskd_non_target``
+    (β·L_non), ``uskd_weak`` (L_weak) and the weak head's top-1 ``weak_top1``. The method owns the
+    weak head, a linear layer on the student's pooled intermediate feature."""
+
+    objective = "ce_weight·CE + USKD"
+
     Params = USKDParams
+    key = "uskd"
 
     def modules(self, student: nn.Module) -> dict[str, nn.Module]:
         return {"head": nn.Linear(student.weak_channels, self.num_classes)}
@@ -102,10 +91,8 @@ class USKDMethod(Method):
         return {"logits": logits, "weak_logits": parts.head(feats["weak"])}
 
     def losses(self, out, teacher, target, epoch):
-        """``loss_ce``, ``loss_uskd``; logged only: its parts ``uskd_target`` (α·L_t),
-        ``uskd_non_target`` (β·L_non), ``uskd_weak`` (L_weak) and the weak head's top-1 ``weak_top1``."""
         z, w, p = out["logits"], out["weak_logits"], self.p
-        loss, parts = uskd_loss(z, w, target, alpha=p.alpha, beta=p.beta, mu=p.mu, rank=p.rank, return_parts=True)
+        loss, parts = dense_loss(p, z, w, target=target, return_parts=True)
         label = target.argmax(-1) if target.is_floating_point() else target
         return {"loss_ce": p.ce_weight * ce(z, target), "loss_uskd": loss,
                 **{f"uskd_{k}": v for k, v in parts.items()},

@@ -12,48 +12,39 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..losses import dkd_loss, kd_loss, nkd_loss
-from .base import Method, Params, ce, default_of, register
+from ..losses.dkd import DKD
+from ..losses.kd import KD
+from ..losses.nkd import NKD
+from .base import LossMethod, Method, ce, ce_weight, kd_weight, register, warmup_epochs
 
 
 @register("ce")
 class CEMethod(Method):
+    objective = "CE(z, y)"
+
     def losses(self, out, teacher, target, epoch):
         return {"loss_ce": ce(out["logits"], target)}
 
 
 @dataclasses.dataclass
-class KDParams(Params):
-    temperature: float = default_of(kd_loss, "temperature")
-    ce_weight: float = 0.1
-    kd_weight: float = 0.9
+class KDParams(KD):
+    ce_weight: float = ce_weight(0.1)
+    kd_weight: float = kd_weight(0.9)
 
 
 @register("kd")
-class KDMethod(Method):
+class KDMethod(LossMethod):
+    objective = "ce_weight·CE + kd_weight·KD"
     Params = KDParams
-    teacher_outputs = ("logits",)
-
-    def losses(self, out, teacher, target, epoch):
-        z, p = out["logits"], self.p
-        return {"loss_ce": p.ce_weight * ce(z, target),
-                "loss_kd": p.kd_weight * kd_loss(z, teacher["logits"], temperature=p.temperature)}
+    key = "kd"
 
 
-@dataclasses.dataclass
-class DKDParams(Params):
-    alpha: float = default_of(dkd_loss, "alpha")
-    beta: float = default_of(dkd_loss, "beta")
-    temperature: float = default_of(dkd_loss, "temperature")
-    ce_weight: float = 1.0
-    warmup_epochs: int = 20
-
-
-class RampedMethod(Method):
+class RampedMethod(LossMethod):
     """A method whose distillation term ramps up linearly over ``warmup_epochs`` (DKD and its
-    variants): ``min((e+1)/W, 1)``; a ramp longer than the run is a config problem."""
+    variants): ``min((e+1)/W, 1)`` (times ``kd_weight`` where the params have one); a ramp longer
+    than the run is a config problem."""
 
-    teacher_outputs = ("logits",)
+    key = "dkd"
 
     @classmethod
     def config_problems(cls, params, cfg):
@@ -65,34 +56,34 @@ class RampedMethod(Method):
     def ramp(self, epoch: int) -> float:
         return min((epoch + 1) / max(self.p.warmup_epochs, 1), 1.0)
 
-
-@register("dkd")
-class DKDMethod(RampedMethod):
-    Params = DKDParams
-
-    def losses(self, out, teacher, target, epoch):
-        z, p = out["logits"], self.p
-        ramp = self.ramp(epoch)
-        return {"loss_ce": p.ce_weight * ce(z, target),
-                "loss_dkd": ramp * dkd_loss(z, teacher["logits"], target, alpha=p.alpha, beta=p.beta,
-                                            temperature=p.temperature)}
+    def weight(self, epoch: int) -> float:
+        w = getattr(self.p, "kd_weight", None)
+        return self.ramp(epoch) if w is None else self.ramp(epoch) * w
 
 
 @dataclasses.dataclass
-class NKDParams(Params):
-    temperature: float = default_of(nkd_loss, "temperature")
-    gamma: float = default_of(nkd_loss, "gamma")
-    ce_weight: float = 1.0
+class DKDParams(DKD):
+    ce_weight: float = ce_weight(1.0)
+    warmup_epochs: int = warmup_epochs()
+
+
+@register("dkd")
+class DKDMethod(RampedMethod):
+    objective = "ce_weight·CE + min((e+1)/warmup_epochs, 1)·DKD"
+    Params = DKDParams
+
+
+@dataclasses.dataclass
+class NKDParams(NKD):
+    ce_weight: float = ce_weight(1.0)
 
 
 @register("nkd")
-class NKDMethod(Method):
-    Params = NKDParams
-    teacher_outputs = ("logits",)
+class NKDMethod(LossMethod):
+    """``loss_ce``, ``loss_nkd``; logged only: its parts ``nkd_target`` (L_t) and ``nkd_non_target``
+    (L_non, whose minimum is γλ²·H(T̂), not 0)."""
 
-    def losses(self, out, teacher, target, epoch):
-        """``loss_ce``, ``loss_nkd``; logged only: its parts ``nkd_target`` (L_t) and ``nkd_non_target``
-        (L_non, whose minimum is γλ²·H(T̂), not 0)."""
-        z, p = out["logits"], self.p
-        loss, parts = nkd_loss(z, teacher["logits"], target, temperature=p.temperature, gamma=p.gamma, return_parts=True)
-        return {"loss_ce": p.ce_weight * ce(z, target), "loss_nkd": loss, **{f"nkd_{k}": v for k, v in parts.items()}}
+    objective = "ce_weight·CE + NKD"
+
+    Params = NKDParams
+    key = "nkd"
