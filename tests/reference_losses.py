@@ -1,4 +1,5 @@
-"""Straightforward reference implementations written from SPEC.md, for the tests only.
+"""Straightforward reference implementations of the formulas in docs/methods.md (and each loss's
+paper), for the tests only.
 
 They use plain autograd, boolean-mask copies and loops where that is clearest — no shared code
 with ``nkd.losses``.

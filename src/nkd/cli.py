@@ -35,10 +35,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
     from .engine import NonFiniteError, StopRequested, Trainer
     from .engine.checkpoint import CheckpointWriteError
+    from .engine.faults import Faults
 
     cfg = load_config(args.config, args.overrides, check_files=True)
     try:
-        trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite, allow_changes=args.allow_changes)
+        trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite, allow_changes=args.allow_changes,
+                          faults=Faults.from_env())
     except (ValueError, OSError) as e:  # setup problems: bad checkpoint, data, output dir, lock
         return _bad_input(str(e))
     try:
@@ -54,6 +56,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             traceback.print_exc()
             return _exit_worker(1)
         raise
+    from .engine.distributed import cleanup
+
+    cleanup(trainer.dist)  # every rank finished: tear the process group down
     return 0
 
 

@@ -16,7 +16,7 @@ import dataclasses
 import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
@@ -27,11 +27,20 @@ __all__ = ["Config", "ConfigError", "DataConfig", "ModelConfig", "MethodConfig",
            "TrainConfig", "load_config", "dump_config", "config_reference", "RUN_KEYS_SAFE_TO_CHANGE"]
 
 
-def opt(default: Any, doc: str, *, factory: bool = False) -> Any:
-    """A config field with its documentation (the config reference is generated from it)."""
+def opt(default: Any, doc: str, *, factory: bool = False, shared: bool | None = None, resume_safe: bool = False) -> Any:
+    """A config field with its documentation (the config reference is generated from it) and two
+    properties, declared here and nowhere else:
+
+    * ``shared``: must agree between the students of a lockstep group (they share the batches and
+      the teacher's output); ``None`` takes the section's ``LOCKSTEP_SHARED`` (a section whose
+      ``LOCKSTEP_SHARED`` is ``None`` makes every field declare it);
+    * ``resume_safe``: may change between a run and its ``--resume`` without changing what is
+      trained (paths, logging, speed settings); every other key is refused unless ``--allow-changes``.
+    """
+    meta = {"doc": doc, "shared": shared, "resume_safe": resume_safe}
     if factory:
-        return field(default_factory=lambda: list(default), metadata={"doc": doc})
-    return field(default=default, metadata={"doc": doc})
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 DATASETS = ("cifar100", "cifar10", "image_folder_small", "imagenet_folder", "synthetic", "digits")
@@ -41,19 +50,21 @@ DATASETS = ("cifar100", "cifar10", "image_folder_small", "imagenet_folder", "syn
 class DataConfig:
     """Dataset, batching and augmentation."""
 
+    LOCKSTEP_SHARED: ClassVar[bool | None] = True  # a group shares one data pipeline
+
     name: Literal["cifar100", "cifar10", "image_folder_small", "imagenet_folder", "synthetic", "digits"] = opt(
         "cifar100", "dataset kind: `cifar100`/`cifar10` (the official python archives), `image_folder_small` "
         "(`root/{train,test}/<class>/<image>`, decoded once into memory, CIFAR-style augmentation), "
         "`imagenet_folder` (`root/{train,val}/<class>/<image>` read by worker processes, ImageNet augmentation), "
         "`synthetic` (random learnable images, for tests), `digits` (scikit-learn's 8×8 digits)")
     root: str | None = opt(None, "dataset folder (CIFAR: where `cifar-100-python/` lies or is downloaded to; "
-                                 "default `data`)")
+                                 "default `data`)", resume_safe=True)
     batch_size: int = opt(64, "training batch size per process")
     global_batch_size: int | None = opt(None, "if set, the batch size summed over all processes: each process "
                                               "takes `global_batch_size / world_size` (keeps a recipe's batch "
                                               "whatever the GPU count)")
-    eval_batch_size: int = opt(256, "evaluation batch size per process")
-    num_workers: int = opt(4, "loader worker processes (`imagenet_folder` only)")
+    eval_batch_size: int = opt(256, "evaluation batch size per process", resume_safe=True)
+    num_workers: int = opt(4, "loader worker processes (`imagenet_folder` only)", resume_safe=True)
     image_size: int | None = opt(None, "image side in pixels. `image_folder_small`: every image is resized to "
                                        "image_size×image_size when decoded (Pillow bilinear, antialiased; aspect not "
                                        "kept; null: keep the images' own size, which must then be equal), then "
@@ -70,10 +81,10 @@ class DataConfig:
     mixup: float = opt(0.0, "MixUp alpha (0: off); labels become soft `[N, C]`")
     cutmix: float = opt(0.0, "CutMix alpha (0: off); with both on, one of the two per batch (p = 0.5)")
     label_smoothing: float = opt(0.0, "smooth the (mixed) labels: `y·(1−ε) + ε/C`")
-    download: bool = opt(False, "CIFAR: download the archive (checksummed) when it is missing")
-    verify_checksums: bool = opt(True, "CIFAR: check the files against the official md5 sums")
+    download: bool = opt(False, "CIFAR: download the archive (checksummed) when it is missing", resume_safe=True)
+    verify_checksums: bool = opt(True, "CIFAR: check the files against the official md5 sums", resume_safe=True)
     cache_dir: str | None = opt(None, "where decoded image folders are cached (default `$NKD_CACHE_DIR` or "
-                                      "`~/.cache/nkd`)")
+                                      "`~/.cache/nkd`)", resume_safe=True)
     synthetic_samples: int = opt(512, "`synthetic`: number of training images (test split: a quarter)")
     synthetic_classes: int = opt(10, "`synthetic`: number of classes")
     synthetic_seed: int = opt(0, "`synthetic`: seed of the class patterns and samples")
@@ -87,6 +98,8 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     """A network: the student (`model`) or the frozen teacher (`teacher`)."""
+
+    LOCKSTEP_SHARED: ClassVar[bool | None] = False
 
     name: str = opt("resnet8x4", "a zoo name (`resnet8 … resnet110`, `resnet8x4`, `resnet32x4`, `wrn_16_1 … "
                                  "wrn_40_2`, `vgg8 … vgg19`, `mobilenetv2`, `shufflev1`, `shufflev2`, `resnet50`, "
@@ -102,6 +115,8 @@ class ModelConfig:
 class MethodConfig:
     """The training objective."""
 
+    LOCKSTEP_SHARED: ClassVar[bool | None] = False
+
     name: str = opt("ce", "`ce`, `kd`, `dkd`, `nkd`, `uskd`, `ls`, `zipf_ls`, `tfkd` (see docs/methods.md)")
     params: dict[str, Any] = field(default_factory=dict, metadata={
         "doc": "the method's hyper-parameters (table below); a run's config.yaml lists them all, defaults included"})
@@ -110,6 +125,8 @@ class MethodConfig:
 @dataclass
 class OptimConfig:
     """Optimizer."""
+
+    LOCKSTEP_SHARED: ClassVar[bool | None] = False
 
     name: Literal["sgd", "adamw"] = opt("sgd", "`sgd` (momentum) or `adamw`")
     lr: float = opt(0.05, "base learning rate (the schedule scales it)")
@@ -124,10 +141,12 @@ class OptimConfig:
 class ScheduleConfig:
     """Learning-rate schedule, a pure function of the (fractional) epoch."""
 
+    LOCKSTEP_SHARED: ClassVar[bool | None] = False
+
     name: Literal["multistep", "cosine", "exponential", "linear", "constant"] = opt(
         "multistep", "`multistep` (×gamma at each milestone), `cosine` (to `min_lr`), `exponential` "
         "(×gamma per epoch), `linear` (to `min_lr`), `constant`")
-    epochs: int = opt(240, "number of training epochs")
+    epochs: int = opt(240, "number of training epochs", shared=True)
     milestones: list[int] = opt([150, 180, 210], "`multistep`: epochs at which the lr is multiplied by gamma "
                                                   "(each must be ≤ epochs)", factory=True)
     gamma: float = opt(0.1, "`multistep`/`exponential` decay factor")
@@ -140,43 +159,47 @@ class ScheduleConfig:
 class TrainConfig:
     """The training loop."""
 
-    device: str = opt("auto", "`auto` (CUDA if available), `cuda`, `cpu`")
+    LOCKSTEP_SHARED: ClassVar[bool | None] = None  # mixed: every field says
+
+    device: str = opt("auto", "`auto` (CUDA if available), `cuda`, `cpu`", shared=True, resume_safe=True)
     threads: int | None = opt(None, "CPU threads for this process (default: torch's choice, normally all "
                                     "cores; also set by `OMP_NUM_THREADS`). Bitwise reproducibility on the CPU "
-                                    "needs the same thread count")
-    amp: Literal["none", "bf16", "fp16"] = opt("none", "mixed precision (losses always compute in float32)")
-    channels_last: bool = opt(False, "channels-last memory format (faster convolutions on recent GPUs)")
+                                    "needs the same thread count", shared=True, resume_safe=True)
+    amp: Literal["none", "bf16", "fp16"] = opt("none", "mixed precision (losses always compute in float32)", shared=True)
+    channels_last: bool = opt(False, "channels-last memory format (faster convolutions on recent GPUs)", shared=True)
     sync_bn: bool = opt(False, "under torchrun: BatchNorm statistics over the global batch "
-                               "(torch's SyncBatchNorm on CUDA, nkd's own on CPU/gloo)")
-    compile: bool = opt(False, "torch.compile the student and the teacher")
+                               "(torch's SyncBatchNorm on CUDA, nkd's own on CPU/gloo)", shared=True)
+    compile: bool = opt(False, "torch.compile the student and the teacher", shared=True, resume_safe=True)
     compile_mode: str = opt("default", "torch.compile mode: `default`, `reduce-overhead` (CUDA graphs), "
-                                       "`max-autotune`, `max-autotune-no-cudagraphs`")
+                                       "`max-autotune`, `max-autotune-no-cudagraphs`", shared=True, resume_safe=True)
     log_every: int = opt(50, "steps between progress lines/TensorBoard step scalars, non-finite checks "
-                             "(policy `stop`) and, under torchrun, stop-signal agreement")
-    grad_clip: float | None = opt(None, "clip the gradient norm to this value (null: no clipping)")
+                             "(policy `stop`) and, under torchrun, stop-signal agreement", shared=True, resume_safe=True)
+    grad_clip: float | None = opt(None, "clip the gradient norm to this value (null: no clipping)", shared=False)
     ema_decay: float | None = opt(None, "keep an exponential moving average of the student's weights with this "
-                                        "decay, in (0, 1), evaluated each epoch as `ema_top1` (null: off)")
-    eval_every: int = opt(1, "evaluate every N epochs (and always after the last)")
+                                        "decay, in (0, 1), evaluated each epoch as `ema_top1` (null: off)", shared=False)
+    eval_every: int = opt(1, "evaluate every N epochs (and always after the last)", shared=False, resume_safe=True)
     nan_policy: Literal["stop", "skip"] = opt("stop", "a non-finite loss or gradient: `stop` the run (exit 1, "
-                                                      "last good checkpoint kept) or `skip` the step")
-    max_steps_per_epoch: int | None = opt(None, "cap the steps per epoch (quick trials)")
+                                                      "last good checkpoint kept) or `skip` the step", shared=False)
+    max_steps_per_epoch: int | None = opt(None, "cap the steps per epoch (quick trials)", shared=True)
     checkpoint_every_steps: int = opt(0, "also write last.pt every N steps inside an epoch, so --resume continues "
-                                         "from there (0: at epoch ends only)")
-    deterministic: bool = opt(False, "torch.use_deterministic_algorithms (GPU; slower)")
+                                         "from there (0: at epoch ends only)", shared=True, resume_safe=True)
+    deterministic: bool = opt(False, "torch.use_deterministic_algorithms (GPU; slower)", shared=True)
     progress: bool = opt(True, "progress bar when stdout is a terminal (otherwise a plain line every log_every "
-                               "steps)")
-    console: bool = opt(True, "log lines on stdout (train.log is always written)")
-    tensorboard: bool = opt(True, "TensorBoard event files in `output_dir/tb`")
+                               "steps)", shared=False, resume_safe=True)
+    console: bool = opt(True, "log lines on stdout (train.log is always written)", shared=False, resume_safe=True)
+    tensorboard: bool = opt(True, "TensorBoard event files in `output_dir/tb`", shared=False, resume_safe=True)
 
 
 @dataclass
 class Config:
     """One experiment."""
 
-    seed: int = opt(0, "seeds everything: initialization, data order, augmentation")
-    output_dir: str = opt("runs/default", "the run directory (checkpoints, metrics, logs)")
+    LOCKSTEP_SHARED: ClassVar[bool | None] = None
+
+    seed: int = opt(0, "seeds everything: initialization, data order, augmentation", shared=True)
+    output_dir: str = opt("runs/default", "the run directory (checkpoints, metrics, logs)", shared=False, resume_safe=True)
     label: str | None = opt(None, "free-text name of the run shown by `nkd report` (e.g. `kd, CE weight 1.0 "
-                                  "(control)`); runs with the same label and settings are seeds of one row")
+                                  "(control)`); runs with the same label and settings are seeds of one row", shared=False, resume_safe=True)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     teacher: ModelConfig | None = field(default=None, metadata={
@@ -358,12 +381,43 @@ def dump_config(cfg: Config) -> str:
 
 
 # ----------------------------------------------------------------------------- resuming
-#: keys that may change between a run and its ``--resume`` without altering what is trained
-RUN_KEYS_SAFE_TO_CHANGE = (
-    "output_dir", "label", "data.root", "data.num_workers", "data.cache_dir", "data.download", "data.eval_batch_size",
-    "data.verify_checksums", "train.threads", "train.progress", "train.console", "train.tensorboard", "train.log_every",
-    "train.eval_every", "train.checkpoint_every_steps", "train.device", "train.compile", "train.compile_mode",
-)
+def field_keys(prop: str, root: type | None = None) -> tuple[str, ...]:
+    """The dotted keys of the config's leaf fields whose property ``prop`` (``"shared"`` or
+    ``"resume_safe"``, see :func:`opt`) is true. Raises when a field of a section without a
+    ``LOCKSTEP_SHARED`` default does not declare ``shared`` (so a new field is never silently
+    allowed to differ inside a lockstep group)."""
+    out: list[str] = []
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            if dataclasses.is_dataclass(tp):
+                walk(tp, f"{prefix}{f.name}.")
+                continue
+            if cls is top and f.name == "teacher":  # a group's teacher is compared as a whole (trainer)
+                continue
+            if prop == "shared":
+                value = f.metadata.get("shared")
+                if value is None:
+                    value = cls.LOCKSTEP_SHARED
+                if value is None:
+                    raise TypeError(f"config field {prefix}{f.name} must declare shared=True/False: section "
+                                    f"{cls.__name__} has no LOCKSTEP_SHARED default")
+            else:
+                value = f.metadata.get(prop, False)
+            if value:
+                out.append(f"{prefix}{f.name}")
+
+    top = Config if root is None else root
+    walk(top, "")
+    return tuple(out)
+
+
+#: keys that must agree between the students of a lockstep group (declared on the fields)
+LOCKSTEP_SHARED_KEYS = field_keys("shared")
+#: keys that may change between a run and its ``--resume`` without altering what is trained (declared on the fields)
+RUN_KEYS_SAFE_TO_CHANGE = field_keys("resume_safe")
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:

@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 
-
 def method_order() -> list[str]:
     """The method names in registration order (:data:`nkd.methods.METHODS`); imported lazily so that
     reading reports does not import torch until a table is built."""

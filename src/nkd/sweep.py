@@ -29,13 +29,14 @@ def _run_group(jobs: list[Job], threads: int, resume: bool, overwrite: bool, all
 
     from .config import load_config
     from .engine import Trainer
+    from .engine.faults import Faults
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         cfgs = [load_config(j.config, j.overrides, check_files=True) for j in jobs]
         trainer = Trainer(cfgs[0] if len(cfgs) == 1 else cfgs, resume=resume, overwrite=overwrite,
-                          allow_changes=allow_changes)
+                          allow_changes=allow_changes, faults=Faults.from_env())
         out = trainer.fit()
     finally:  # run in this process (one worker): leave its thread count as it was
         torch.set_num_threads(before)

@@ -171,11 +171,6 @@ def load_split(d, train: bool) -> ArrayDataset:
     return ARRAY_SOURCES[d.name](d, train)
 
 
-def load_arrays(d) -> tuple[ArrayDataset, ArrayDataset]:
-    """Train/eval arrays for the small-image datasets."""
-    return load_split(d, True), load_split(d, False)
-
-
 # ----------------------------------------------------------------------------- normalization
 def _check_stats(key: str, values: Sequence[float], positive: bool) -> tuple[float, ...]:
     values = tuple(float(v) for v in values)

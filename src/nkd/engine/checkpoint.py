@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +38,10 @@ def used_run_dir_error(run_dir: str | os.PathLike) -> str | None:
             "run, --overwrite to delete them and start again, or choose another output_dir")
 
 
-def save_atomic(obj: Any, path: str | os.PathLike) -> None:
+def save_atomic(obj: Any, path: str | os.PathLike, before_rename: Callable[[], None] | None = None) -> None:
     """Write ``obj`` to ``path`` atomically; on failure raise :class:`CheckpointWriteError`
-    (naming the file and the cause, e.g. a full disk) and leave any previous ``path`` intact."""
-    from .faults import slow_save
+    (naming the file and the cause, e.g. a full disk) and leave any previous ``path`` intact.
+    ``before_rename`` (fault injection, :mod:`nkd.engine.faults`) runs between the write and the rename."""
 
     path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
@@ -51,7 +51,8 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        slow_save()
+        if before_rename is not None:
+            before_rename()
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch.save's zip writer reports a short write as RuntimeError
         tmp.unlink(missing_ok=True)

@@ -95,5 +95,7 @@ def barrier(info: DistInfo) -> None:
 
 
 def cleanup(info: DistInfo) -> None:
+    """Destroy the process group after a run that every rank finished (not after a failure:
+    tearing down a group whose peer died can block)."""
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()

@@ -2,7 +2,7 @@
 
 ``train.nan_policy="skip"`` checks each step on the host (one sync per step) and skips a bad
 one. ``"stop"`` keeps a flag on the device (no sync) — the first global step with a non-finite
-value and a bitmask of the offending terms — and :meth:`NonFiniteGuard.raise_if_any` reads it
+value and a bitmask of the offending terms — and :meth:`NonFiniteGuard.first_failure` reads it
 at ``log_every`` boundaries, before any checkpoint is written, and at the end of the epoch:
 nothing non-finite is ever saved.
 """

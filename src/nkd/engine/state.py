@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,8 +64,10 @@ def describe_position(epoch: int, step: int, steps: int | None = None) -> str:
     return f"inside epoch {epoch + 1} (after step {step}{of})"
 
 
-def save_checkpoint(ckpt_dir: Path, state: dict[str, Any], is_best: bool) -> None:
-    """``last.pt`` (and ``best.pt``) atomically; the previous ``last.pt`` becomes ``prev.pt``."""
+def save_checkpoint(ckpt_dir: Path, state: dict[str, Any], is_best: bool,
+                    before_rename: Callable[[], None] | None = None) -> None:
+    """``last.pt`` (and ``best.pt``) atomically; the previous ``last.pt`` becomes ``prev.pt``
+    (``before_rename``: see :func:`~nkd.engine.checkpoint.save_atomic`)."""
     last = ckpt_dir / "last.pt"
     if last.is_file():  # keep the previous complete checkpoint as prev.pt (hard link, atomic)
         tmp = ckpt_dir / f"prev.pt.tmp-{os.getpid()}"
@@ -74,9 +77,9 @@ def save_checkpoint(ckpt_dir: Path, state: dict[str, Any], is_best: bool) -> Non
             os.replace(tmp, ckpt_dir / "prev.pt")
         except OSError:
             tmp.unlink(missing_ok=True)
-    save_atomic(state, last)
+    save_atomic(state, last, before_rename)
     if is_best:
-        save_atomic(state, ckpt_dir / "best.pt")
+        save_atomic(state, ckpt_dir / "best.pt", before_rename)
 
 
 def read_checkpoints(ckpt_dir: Path, log) -> list[tuple[Path, dict[str, Any]]]:

@@ -94,6 +94,7 @@ class Student:
         self.seen = self.restored = 0
         self.last_total: torch.Tensor | None = None
         self.lr = cfg.optim.lr
+        self.before_rename: Any = None  # a fault hook (nkd.engine.faults), None in normal runs
 
     # ------------------------------------------------------------------ one step
     @contextlib.contextmanager
@@ -229,7 +230,7 @@ class Student:
         if bad:
             raise NonFiniteError(f"{self.run.path}: non-finite weights ({', '.join(bad[:5])}); not saved — last good "
                                  f"checkpoint: {self.last_good()}")
-        save_checkpoint(self.run.ckpt_dir, self.state_dict(), is_best)
+        save_checkpoint(self.run.ckpt_dir, self.state_dict(), is_best, self.before_rename)
 
     def save_inside_epoch(self, epoch: int, step: int, steps: int) -> None:
         """``last.pt`` after ``step`` of the ``steps`` steps of ``epoch``, with the epoch's sums so far."""

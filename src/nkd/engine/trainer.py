@@ -28,12 +28,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import Config, dump_config, flatten
+from ..config import LOCKSTEP_SHARED_KEYS, Config, dump_config, flatten
 from ..data.build import build_loaders
 from ..methods import METHODS, Teacher
 from ..models import create_model
-from . import faults
 from .distributed import DistInfo, all_reduce_max, all_reduce_sum, barrier, init_distributed
+from .faults import Faults
 from .guard import NonFiniteError
 from .rundir import RunDir
 from .state import check_compatible, describe_position, read_checkpoints
@@ -54,10 +54,9 @@ class GroupError(NonFiniteError):
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
-#: config keys that must agree for students to share batches and the teacher's output
-SHARED = ("seed", "data", "schedule.epochs", "train.max_steps_per_epoch", "train.amp", "train.device",
-          "train.channels_last", "train.compile", "train.compile_mode", "train.log_every",
-          "train.checkpoint_every_steps", "train.sync_bn", "train.deterministic", "train.threads")
+#: config keys that must agree for students to share batches and the teacher's output (declared on the
+#: config's fields: ``opt(..., shared=True)``)
+SHARED = LOCKSTEP_SHARED_KEYS
 
 
 def shared_settings(cfg: Config) -> dict[str, Any]:
@@ -137,7 +136,7 @@ class Trainer:
     """
 
     def __init__(self, cfg: Config | Sequence[Config], resume: bool = False, overwrite: bool = False,
-                 allow_changes: bool = False):
+                 allow_changes: bool = False, faults: Faults | None = None):
         self.single = isinstance(cfg, Config)
         self.cfgs = [cfg] if self.single else list(cfg)
         if not self.cfgs:
@@ -149,6 +148,10 @@ class Trainer:
         self.dist = init_distributed("cuda" if c.train.device in ("cuda", "auto") and torch.cuda.is_available()
                                      else "cpu")
         self.device = resolve_device(c.train.device, self.dist)
+        # process-wide settings this trainer changes, given back by close()
+        self._restore = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+                         torch.is_deterministic_algorithms_warn_only_enabled(), log.level, list(log.handlers),
+                         log.propagate)
         if c.train.threads:
             torch.set_num_threads(c.train.threads)
         if c.train.deterministic:
@@ -176,7 +179,8 @@ class Trainer:
                 s.run.start(dump_config(s.cfg), s.state.history)
                 s.run.open_tensorboard(s.cfg.train.tensorboard, self.start_epoch + 1, s.state.global_step + 1)
             self.active = list(self.students)
-            faults.install(self)
+            if faults is not None:
+                faults.install(self)
         except BaseException:
             self.close()
             raise
@@ -284,9 +288,19 @@ class Trainer:
         self.close()
 
     def close(self) -> None:
-        """Close logs and event files and release the run directories' locks."""
+        """Close logs and event files, release the run directories' locks, and give back the
+        process-wide settings the trainer changed (thread count, deterministic mode, the ``nkd``
+        logger's level, handlers and propagation). Idempotent."""
         for run in self.runs:
             run.close()
+        restore, self._restore = getattr(self, "_restore", None), None
+        if restore is not None:
+            threads, det, warn_only, level, handlers, propagate = restore
+            torch.set_num_threads(threads)
+            torch.use_deterministic_algorithms(det, warn_only=warn_only)
+            log.setLevel(level)
+            log.handlers[:] = handlers
+            log.propagate = propagate
 
     # ------------------------------------------------------------------ loop
     def steps_per_epoch(self) -> int:
@@ -495,8 +509,8 @@ class Trainer:
 
 
 def train_together(cfgs: Sequence[Config], resume: bool = False, overwrite: bool = False,
-                   allow_changes: bool = False) -> list[dict[str, Any]]:
+                   allow_changes: bool = False, faults: Faults | None = None) -> list[dict[str, Any]]:
     """Train ``cfgs`` as one lockstep group (one data pipeline, one teacher forward per batch);
     returns each run's summary. Raises ``ValueError`` naming the differing keys when they cannot
     share (see :func:`shared_settings`)."""
-    return Trainer(list(cfgs), resume=resume, overwrite=overwrite, allow_changes=allow_changes).fit()
+    return Trainer(list(cfgs), resume=resume, overwrite=overwrite, allow_changes=allow_changes, faults=faults).fit()
