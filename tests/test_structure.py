@@ -98,3 +98,15 @@ def test_trainer_with_mixed_precision_on_cpu(tmp_path, amp):
     if amp == "fp16":  # the GradScaler is on and its scale is checkpointed
         ck = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
         assert ck["scaler"]["scale"] > 0
+
+
+def test_every_dataset_is_one_registry_entry_the_config_and_loaders_read():
+    from nkd.config import DataConfig
+    from nkd.data import build
+    from nkd.data.facts import DATASETS
+
+    names = set(typing.get_args(typing.get_type_hints(DataConfig)["name"]))
+    assert names == set(DATASETS)
+    for name, facts in DATASETS.items():
+        assert facts.folder or name in build.ARRAY_SOURCES, name  # every in-memory dataset has a loader
+        assert (name in build.DEFAULT_STATS) == (facts.stats is not None)

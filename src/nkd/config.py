@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Literal
 
 import yaml
 
+from .data.facts import DATASET_NAMES, DATASETS
 from .methods import validate_method
 from .typed import ConfigError, build_dataclass, describe, first_line, load_yaml
 
@@ -43,7 +44,6 @@ def opt(default: Any, doc: str, *, factory: bool = False, shared: bool | None = 
     return field(default=default, metadata=meta)
 
 
-DATASETS = ("cifar100", "cifar10", "image_folder_small", "imagenet_folder", "synthetic", "digits")
 
 
 @dataclass
@@ -52,7 +52,7 @@ class DataConfig:
 
     LOCKSTEP_SHARED: ClassVar[bool | None] = True  # a group shares one data pipeline
 
-    name: Literal["cifar100", "cifar10", "image_folder_small", "imagenet_folder", "synthetic", "digits"] = opt(
+    name: Literal[DATASET_NAMES] = opt(
         "cifar100", "dataset kind: `cifar100`/`cifar10` (the official python archives), `image_folder_small` "
         "(`root/{train,test}/<class>/<image>`, decoded once into memory, CIFAR-style augmentation), "
         "`imagenet_folder` (`root/{train,val}/<class>/<image>` read by worker processes, ImageNet augmentation), "
@@ -295,7 +295,7 @@ def check_dataset(cfg: Config, problems: list[str]) -> None:
     from .data.build import dataset_num_classes
 
     d = cfg.data
-    native = {"cifar10": 32, "cifar100": 32, "digits": 8}.get(d.name)
+    native = DATASETS[d.name].native_size
     if native is not None and d.image_size not in (None, native):
         problems.append(f"data.image_size: {d.name} images are {native}×{native} and are not resized; remove "
                         f"data.image_size (got {d.image_size})")
@@ -329,9 +329,10 @@ def check_paths(cfg: Config, problems: list[str]) -> None:
         problems.append(f"teacher.checkpoint: file not found: {cfg.teacher.checkpoint}")
     if cfg.model.checkpoint and not Path(cfg.model.checkpoint).is_file():
         problems.append(f"model.checkpoint: file not found: {cfg.model.checkpoint}")
-    if cfg.data.name != "synthetic" and cfg.data.root and not Path(cfg.data.root).exists() and not cfg.data.download:
+    facts = DATASETS[cfg.data.name]
+    if facts.needs_root and cfg.data.root and not Path(cfg.data.root).exists() and not cfg.data.download:
         problems.append(f"data.root: path not found: {cfg.data.root}")
-    if cfg.data.name in ("image_folder_small", "imagenet_folder") and not cfg.data.root:
+    if facts.folder and not cfg.data.root:
         problems.append(f"data.root: required for data.name={cfg.data.name!r}")
 
 

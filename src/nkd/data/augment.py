@@ -15,12 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
-CIFAR100_STD = (0.2673, 0.2564, 0.2762)
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from .facts import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, IMAGENET_MEAN, IMAGENET_STD  # noqa: F401
 
 
 def normalize_uint8(x: Tensor, mean: Sequence[float], std: Sequence[float], dtype=torch.float32) -> Tensor:

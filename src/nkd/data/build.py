@@ -31,30 +31,20 @@ from typing import Any
 import torch
 
 from .augment import (
-    CIFAR10_MEAN,
-    CIFAR10_STD,
-    CIFAR100_MEAN,
-    CIFAR100_STD,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     MixupCutmix,
 )
 from .datasets import ArrayDataset, class_dirs, image_folder_stats, load_cifar, load_digits, load_image_folder, synthetic
+from .facts import DATASETS
 from .loaders import DeviceLoader, folder_loader
 
 log = logging.getLogger("nkd")
 
-DEFAULT_STATS = {  # (mean, std); image_folder_small: computed from its training split
-    "cifar100": (CIFAR100_MEAN, CIFAR100_STD),
-    "cifar10": (CIFAR10_MEAN, CIFAR10_STD),
-    "imagenet_folder": (IMAGENET_MEAN, IMAGENET_STD),
-    "synthetic": ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
-    "digits": ((0.31, 0.31, 0.31), (0.38, 0.38, 0.38)),
-}
-KNOWN_CLASSES = {"cifar100": 100, "cifar10": 10, "digits": 10}
-FOLDER_DATASETS = ("image_folder_small", "imagenet_folder")
-IMAGENET_SIZE = 224  # data.image_size default of imagenet_folder
-EVAL_DIRS = {"image_folder_small": ("test", "val"), "imagenet_folder": ("val", "test")}
+# derived from the dataset registry (nkd.data.facts), the one place each dataset's facts live
+DEFAULT_STATS = {n: f.stats for n, f in DATASETS.items() if f.stats is not None}  # (mean, std)
+KNOWN_CLASSES = {n: f.classes for n, f in DATASETS.items() if f.classes is not None}
+FOLDER_DATASETS = tuple(n for n, f in DATASETS.items() if f.folder)
+IMAGENET_SIZE = DATASETS["imagenet_folder"].default_size  # data.image_size default of imagenet_folder
+EVAL_DIRS = {n: f.eval_dirs for n, f in DATASETS.items() if f.folder}
 
 
 @dataclass
