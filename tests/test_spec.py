@@ -156,3 +156,19 @@ def test_adding_a_loss_worked_example_runs_and_trains(tmp_path):
                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT / "src")})
     assert out.returncode == 0, out.stderr[-3000:]
     assert "OK reverse_kd" in out.stdout
+
+
+def test_fused_dkd_public_forms_are_derived_from_the_spec():
+    from nkd.losses import FusedLinearDKDLoss, fused_linear_dkd_loss
+
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(10, 4, generator=g, dtype=torch.float64)
+    head = torch.randn(7, 4, generator=g, dtype=torch.float64)
+    tl = torch.randn(10, 7, generator=g, dtype=torch.float64)
+    t = torch.randint(0, 7, (10,), generator=g)
+    ref = dkd_loss(hidden @ head.T, tl, t, beta=2.0)
+    torch.testing.assert_close(fused_linear_dkd_loss(hidden, head, target=t, teacher_logits=tl, beta=2.0, chunk_size=3), ref)
+    torch.testing.assert_close(FusedLinearDKDLoss(beta=2.0)(hidden, head, target=t, teacher_logits=tl), ref)
+    with pytest.raises(ValueError, match="beta"):
+        FusedLinearDKDLoss(beta=-1.0)
+    assert "beta" in inspect.signature(fused_linear_dkd_loss).parameters

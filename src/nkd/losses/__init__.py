@@ -13,7 +13,14 @@ from __future__ import annotations
 from ._common import value_checks
 from .dist import DISTLoss, dist_loss
 from .dkd import DKDLoss, dkd_loss
-from .fused import FusedLinearKDLoss, FusedLinearNKDLoss, fused_linear_kd_loss, fused_linear_nkd_loss
+from .fused import (
+    FusedLinearDKDLoss,
+    FusedLinearKDLoss,
+    FusedLinearNKDLoss,
+    fused_linear_dkd_loss,
+    fused_linear_kd_loss,
+    fused_linear_nkd_loss,
+)
 from .kd import KDLoss, kd_loss
 from .logit_std import DKDZScoreLoss, KDZScoreLoss, dkd_zscore_loss, kd_zscore_loss, standardize_logits
 from .nkd import NKDLoss, nkd_loss
@@ -60,4 +67,6 @@ __all__ = [
     "fused_linear_kd_loss",
     "FusedLinearNKDLoss",
     "FusedLinearKDLoss",
+    "fused_linear_dkd_loss",
+    "FusedLinearDKDLoss",
 ]

@@ -65,213 +65,119 @@ default ``chunk_size`` keeps one ``[chunk, V]`` float32 buffer near 32 MiB:
 
 from __future__ import annotations
 
+import inspect
+from typing import Any
+
 from torch import Tensor, nn
 
 from .chunked import TOPK_REST, default_chunk_size, fused_linear_loss, make_teacher
+from .dkd import DKD
 from .kd import KD
 from .nkd import NKD
+from .spec import LossSpec
 
 __all__ = [
     "fused_linear_nkd_loss",
     "fused_linear_kd_loss",
+    "fused_linear_dkd_loss",
     "FusedLinearNKDLoss",
     "FusedLinearKDLoss",
+    "FusedLinearDKDLoss",
+    "fused_forms",
     "TOPK_REST",
     "default_chunk_size",
 ]
 
-
-def fused_linear_nkd_loss(
-    hidden: Tensor,
-    weight: Tensor,
-    teacher_hidden: Tensor | None = None,
-    teacher_weight: Tensor | None = None,
-    target: Tensor | None = None,
-    *,
-    temperature: float = 1.0,
-    gamma: float = 1.5,
-    ce_weight: float = 0.0,
-    bias: Tensor | None = None,
-    teacher_bias: Tensor | None = None,
-    teacher_logits: Tensor | None = None,
-    teacher_topk: tuple[Tensor, Tensor] | None = None,
-    topk_rest: str = "zero",
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    chunk_size: int | None = None,
-) -> Tensor:
-    r"""Token-level NKD (+ optional cross-entropy) on ``hidden @ weight.T + bias``, chunked.
-
-    Equals ``nkd_loss(z, u, target, temperature=λ, gamma=γ) + ce_weight · CE(z, target)`` on the
-    materialized logits ``z`` (module docstring for the maths, the teacher kinds and the
-    sparse-teacher definitions) without ever holding ``z`` ``[N, V]`` whole.
-
-    Args:
-        hidden: student's last hidden states ``[..., H]`` (e.g. ``[B, T, H]``).
-        weight: student LM head ``[V, H]``.
-        teacher_hidden, teacher_weight: teacher hidden states ``[..., H_t]`` and head ``[V, H_t]``.
-        target: int64 next-token ids ``[...]`` (required; ``ignore_index`` rows left out).
-        temperature: λ > 0 of the non-target term.  gamma: γ ≥ 0.  ce_weight: w ≥ 0.
-        bias, teacher_bias: optional head biases ``[V]``.
-        teacher_logits: precomputed teacher logits ``[..., V]`` instead of hidden + head.
-        teacher_topk: ``(ids, logprobs)`` ``[..., k]``, a sparse teacher; ``topk_rest`` in
-            ``{"zero", "uniform"}`` says where the mass outside the top-k goes (``k ≥ 2``).
-        ignore_index: label value whose rows are left out.
-        reduction: ``"mean"`` over non-ignored rows, ``"sum"``, or ``"none"`` (``[...]``, ignored
-            rows 0; its backward recomputes the logits chunk by chunk, ≈ 1.5× the time).
-        chunk_size: rows per chunk; ``None`` → :func:`default_chunk_size`.
-
-    Returns:
-        The loss in float32 (float64 for float64 input); 0 when no row is valid.
-    """
-    spec = NKD(temperature=temperature, gamma=gamma)
-    teacher = make_teacher(teacher_hidden, teacher_weight, teacher_bias, teacher_logits, teacher_topk, topk_rest)
-    return fused_linear_loss(spec, hidden, weight, teacher, target, bias=bias, ce_weight=ce_weight,
-                             ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size)
+_TEACHER_DOCS = [
+    "hidden: student's last hidden states ``[..., H]`` (e.g. ``[B, T, H]``).",
+    "weight: student LM head ``[V, H]``.",
+    "teacher_hidden, teacher_weight: teacher hidden states ``[..., H_t]`` and head ``[V, H_t]`` (constants: detached).",
+    "target: int64 next-token ids ``[...]`` (``ignore_index`` rows left out); required when the loss uses the label "
+    "or ``ce_weight > 0``.",
+]
+_CALL_DOCS = [
+    "ce_weight: w ≥ 0, weight of the student's cross-entropy computed in the same pass (default 0).",
+    "bias, teacher_bias: optional head biases ``[V]``.",
+    "teacher_logits: precomputed teacher logits ``[..., V]`` instead of hidden + head.",
+    "teacher_topk: ``(ids, logprobs)`` ``[..., k]``, a sparse teacher; topk_rest: ``\"zero\"`` or ``\"uniform\"``, where "
+    "the mass outside the top-k goes.",
+    "ignore_index: an int, the label value whose rows are left out (default -100).",
+    'reduction: ``"mean"`` over non-ignored rows, ``"sum"``, or ``"none"`` (``[...]``, ignored rows 0; its backward '
+    "recomputes the logits chunk by chunk, ≈ 1.5× the time).",
+    "chunk_size: rows per chunk; ``None`` → :func:`default_chunk_size`.",
+]
+_TEACHER_KW = ("bias", "teacher_bias", "teacher_logits", "teacher_topk")
 
 
-def fused_linear_kd_loss(
-    hidden: Tensor,
-    weight: Tensor,
-    teacher_hidden: Tensor | None = None,
-    teacher_weight: Tensor | None = None,
-    target: Tensor | None = None,
-    *,
-    temperature: float = 1.0,
-    ce_weight: float = 0.0,
-    bias: Tensor | None = None,
-    teacher_bias: Tensor | None = None,
-    teacher_logits: Tensor | None = None,
-    teacher_topk: tuple[Tensor, Tensor] | None = None,
-    topk_rest: str = "zero",
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    chunk_size: int | None = None,
-) -> Tensor:
-    r"""Token-level KD ``λ²·KL(T^λ ‖ S^λ)`` (+ optional cross-entropy) on ``hidden @ weight.T + bias``, chunked.
+def fused_forms(spec: type[LossSpec], function: str, module: str, **defaults: Any) -> tuple[Any, type[nn.Module]]:
+    """The function and ``nn.Module`` that run ``spec`` fused with the LM head (teacher by keywords,
+    :func:`~nkd.losses.chunked.make_teacher`), with ``defaults`` replacing the spec's defaults
+    (e.g. temperature 1 for token-level KD)."""
+    fields = spec.hyper_parameters()
+    hyper = {f.name: defaults.get(f.name, f.default) for f in fields}
+    P = inspect.Parameter
+    params = [P("hidden", P.POSITIONAL_OR_KEYWORD), P("weight", P.POSITIONAL_OR_KEYWORD)]
+    params += [P(n, P.POSITIONAL_OR_KEYWORD, default=None) for n in ("teacher_hidden", "teacher_weight", "target")]
+    params += [P(n, P.KEYWORD_ONLY, default=v) for n, v in hyper.items()]
+    params += [P("ce_weight", P.KEYWORD_ONLY, default=0.0)] + [P(n, P.KEYWORD_ONLY, default=None) for n in _TEACHER_KW]
+    params += [P("topk_rest", P.KEYWORD_ONLY, default="zero"), P("ignore_index", P.KEYWORD_ONLY, default=-100),
+               P("reduction", P.KEYWORD_ONLY, default="mean"), P("chunk_size", P.KEYWORD_ONLY, default=None)]
+    sig = inspect.Signature(params)
 
-    Equals ``kd_loss(z, u, target, temperature=λ) + ce_weight · CE(z, target)`` on the
-    materialized logits. ``target`` is optional: KD uses it only to leave out ``ignore_index``
-    rows (and for the cross-entropy, which needs it). The default temperature is 1 (forward KL,
-    the usual choice for language models), not :func:`~nkd.losses.kd_loss`'s 4.
+    def loss_fn(*args: Any, **kwargs: Any) -> Tensor:
+        a = sig.bind(*args, **kwargs)
+        a.apply_defaults()
+        a = a.arguments
+        teacher = make_teacher(a["teacher_hidden"], a["teacher_weight"], a["teacher_bias"], a["teacher_logits"],
+                               a["teacher_topk"], a["topk_rest"])
+        return fused_linear_loss(spec(**{n: a[n] for n in hyper}), a["hidden"], a["weight"], teacher, a["target"],
+                                 bias=a["bias"], ce_weight=a["ce_weight"], ignore_index=a["ignore_index"],
+                                 reduction=a["reduction"], chunk_size=a["chunk_size"])
 
-    Per token with teacher/student softmax ``T^λ``/``S^λ`` at temperature λ and ``w = ce_weight``::
+    hyper_docs = [f"{f.name}: {f.metadata['doc']} (default {hyper[f.name]!r})." for f in fields]
+    body = inspect.cleandoc(spec.__doc__ or "")
+    loss_fn.__signature__ = sig  # type: ignore[attr-defined]
+    loss_fn.__name__ = loss_fn.__qualname__ = function
+    loss_fn.__module__ = __name__
+    loss_fn.__doc__ = (f"Token-level {spec.title} (+ ``ce_weight``·CE) on ``hidden @ weight.T + bias``, chunked: equals "
+                       f"``{spec.function.__name__}`` + ``ce_weight·CE`` on the materialized logits without holding them."
+                       f"\n\n{body}\n\nArgs:\n" + "\n".join("    " + d for d in _TEACHER_DOCS + hyper_docs + _CALL_DOCS)
+                       + "\n\nReturns:\n    The loss in float32 (float64 for float64 input); 0 when no row is valid.\n")
 
-        L = λ²·Σ_i T^λ_i (log T^λ_i − log S^λ_i) − w·log S_t,   ∂L/∂z = λ(S^λ − T^λ) + w(S − e_t)
+    init_params = [P("self", P.POSITIONAL_OR_KEYWORD)] + [P(n, P.POSITIONAL_OR_KEYWORD, default=v) for n, v in hyper.items()]
+    init_params += [P("ce_weight", P.POSITIONAL_OR_KEYWORD, default=0.0), P("topk_rest", P.POSITIONAL_OR_KEYWORD, default="zero"),
+                    P("ignore_index", P.POSITIONAL_OR_KEYWORD, default=-100),
+                    P("reduction", P.POSITIONAL_OR_KEYWORD, default="mean"),
+                    P("chunk_size", P.POSITIONAL_OR_KEYWORD, default=None)]
+    init_sig = inspect.Signature(init_params)
 
-    Args:
-        hidden: student's last hidden states ``[..., H]``.  weight: student LM head ``[V, H]``.
-        teacher_hidden, teacher_weight: teacher hidden states ``[..., H_t]`` and head ``[V, H_t]``
-            (constants: detached).
-        target: int64 next-token ids ``[...]``; optional unless ``ce_weight > 0``; ``ignore_index``
-            rows are left out.
-        temperature: λ > 0 (default 1.0).  ce_weight: w ≥ 0 (default 0: KD alone).
-        bias, teacher_bias: optional head biases ``[V]``.
-        teacher_logits: precomputed teacher logits ``[..., V]`` instead of hidden + head.
-        teacher_topk: ``(ids, logprobs)`` ``[..., k]``, a sparse teacher; ``topk_rest`` in
-            ``{"zero", "uniform"}`` says where the mass outside the top-k goes (any ``k ≥ 1``).
-        ignore_index: label value whose rows are left out.
-        reduction: ``"mean"`` over non-ignored rows, ``"sum"``, or ``"none"`` (``[...]``).
-        chunk_size: rows per chunk; ``None`` → :func:`default_chunk_size`.
-
-    Returns:
-        The loss in float32 (float64 for float64 input); 0 when no row is valid.
-    """
-    spec = KD(temperature=temperature)
-    teacher = make_teacher(teacher_hidden, teacher_weight, teacher_bias, teacher_logits, teacher_topk, topk_rest)
-    return fused_linear_loss(spec, hidden, weight, teacher, target, bias=bias, ce_weight=ce_weight,
-                             ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size)
-
-
-
-class FusedLinearNKDLoss(nn.Module):
-    """Module form of :func:`fused_linear_nkd_loss`: token-level ``NKD + w·CE`` on
-    ``hidden @ weight.T``, chunked, with fixed hyper-parameters (no parameters are learned).
-
-    Per token: ``−(T_t + w)·log S_t − γλ²·Σ_{i≠t} T̂_i log Ŝ_i``.
-
-    Args:
-        temperature: λ > 0 of the non-target term (default 1.0).
-        gamma: γ ≥ 0, weight of the non-target term (default 1.5).
-        ce_weight: w ≥ 0, weight of the student's cross-entropy computed in the same pass
-            (default 0; NKD's usual objective is ``ce_weight=1.0``).
-        topk_rest: ``"zero"`` or ``"uniform"``: the mass outside a sparse top-k teacher.
-        ignore_index: label value whose rows are left out (default -100).
-        reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``.
-        chunk_size: rows per chunk; ``None`` → :func:`default_chunk_size`.
-    """
-
-    def __init__(
-        self,
-        temperature: float = 1.0,
-        gamma: float = 1.5,
-        ce_weight: float = 0.0,
-        topk_rest: str = "zero",
-        ignore_index: int = -100,
-        reduction: str = "mean",
-        chunk_size: int | None = None,
-    ):
-        super().__init__()
-        _check_module(NKD(temperature=temperature, gamma=gamma), ce_weight, topk_rest, ignore_index, reduction, chunk_size)
-        self.temperature, self.gamma, self.ce_weight = float(temperature), float(gamma), float(ce_weight)
-        self.topk_rest, self.ignore_index, self.reduction, self.chunk_size = topk_rest, ignore_index, reduction, chunk_size
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        nn.Module.__init__(self)
+        a = init_sig.bind(self, *args, **kwargs)
+        a.apply_defaults()
+        self.settings = {k: v for k, v in a.arguments.items() if k != "self"}
+        _check_module(spec(**{n: self.settings[n] for n in hyper}), **{k: self.settings[k] for k in (
+            "ce_weight", "topk_rest", "ignore_index", "reduction", "chunk_size")})
+        for k, v in self.settings.items():
+            setattr(self, k, v)
 
     def forward(self, hidden, weight, teacher_hidden=None, teacher_weight=None, target=None, **teacher) -> Tensor:
         """The loss of the student (``hidden`` ``[..., H]``, LM head ``weight`` ``[V, H]``) against the
         teacher (``teacher_hidden`` ``[..., H_t]`` + ``teacher_weight`` ``[V, H_t]``, or, in
         ``teacher``, ``teacher_logits`` / ``teacher_topk``; ``bias`` and ``teacher_bias`` go there
         too) for the next-token ids ``target`` ``[...]``."""
-        return fused_linear_nkd_loss(
-            hidden, weight, teacher_hidden, teacher_weight, target, temperature=self.temperature, gamma=self.gamma,
-            ce_weight=self.ce_weight, topk_rest=self.topk_rest, ignore_index=self.ignore_index,
-            reduction=self.reduction, chunk_size=self.chunk_size, **teacher,
-        )
+        return loss_fn(hidden, weight, teacher_hidden, teacher_weight, target, **self.settings, **teacher)
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, gamma={self.gamma}, ce_weight={self.ce_weight}, reduction={self.reduction!r}"
+        return ", ".join(f"{k}={v!r}" for k, v in self.settings.items() if k in hyper or k in ("ce_weight", "reduction"))
 
-
-class FusedLinearKDLoss(nn.Module):
-    """Module form of :func:`fused_linear_kd_loss`: token-level ``λ²·KL(T^λ ‖ S^λ) + w·CE`` on
-    ``hidden @ weight.T``, chunked, with fixed hyper-parameters (no parameters are learned).
-
-    Args:
-        temperature: λ > 0 (default 1.0, forward KL).
-        ce_weight: w ≥ 0, weight of the student's cross-entropy computed in the same pass (default 0).
-        topk_rest: ``"zero"`` or ``"uniform"``: the mass outside a sparse top-k teacher.
-        ignore_index: label value whose rows are left out (default -100).
-        reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``.
-        chunk_size: rows per chunk; ``None`` → :func:`default_chunk_size`.
-    """
-
-    def __init__(
-        self,
-        temperature: float = 1.0,
-        ce_weight: float = 0.0,
-        topk_rest: str = "zero",
-        ignore_index: int = -100,
-        reduction: str = "mean",
-        chunk_size: int | None = None,
-    ):
-        super().__init__()
-        _check_module(KD(temperature=temperature), ce_weight, topk_rest, ignore_index, reduction, chunk_size)
-        self.temperature, self.ce_weight = float(temperature), float(ce_weight)
-        self.topk_rest, self.ignore_index, self.reduction, self.chunk_size = topk_rest, ignore_index, reduction, chunk_size
-
-    def forward(self, hidden, weight, teacher_hidden=None, teacher_weight=None, target=None, **teacher) -> Tensor:
-        """The loss of the student (``hidden`` ``[..., H]``, LM head ``weight`` ``[V, H]``) against the
-        teacher (``teacher_hidden`` ``[..., H_t]`` + ``teacher_weight`` ``[V, H_t]``, or, in
-        ``teacher``, ``teacher_logits`` / ``teacher_topk``; ``bias`` and ``teacher_bias`` go there
-        too) for the next-token ids ``target`` ``[...]``."""
-        return fused_linear_kd_loss(
-            hidden, weight, teacher_hidden, teacher_weight, target, temperature=self.temperature,
-            ce_weight=self.ce_weight, topk_rest=self.topk_rest, ignore_index=self.ignore_index,
-            reduction=self.reduction, chunk_size=self.chunk_size, **teacher,
-        )
-
-    def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, ce_weight={self.ce_weight}, reduction={self.reduction!r}"
-
+    __init__.__signature__ = init_sig  # type: ignore[attr-defined]
+    doc = (f"Module form of :func:`{function}`: token-level {spec.title} (+ ``ce_weight``·CE) on ``hidden @ weight.T``, "
+           f"chunked, with fixed hyper-parameters (no parameters are learned).\n\n{body}\n\nArgs:\n"
+           + "\n".join("    " + d for d in hyper_docs + [_CALL_DOCS[0], _CALL_DOCS[3].split("; ")[1]] + _CALL_DOCS[4:]))
+    cls = type(module, (nn.Module,), {"__init__": __init__, "forward": forward, "extra_repr": extra_repr,
+                                      "__doc__": doc, "__module__": __name__})
+    return loss_fn, cls
 
 
 def _check_module(spec, ce_weight: float, topk_rest: str, ignore_index: int, reduction: str, chunk_size: int | None) -> None:
@@ -284,3 +190,9 @@ def _check_module(spec, ce_weight: float, topk_rest: str, ignore_index: int, red
         raise ValueError(f"topk_rest must be one of {TOPK_REST}, got {topk_rest!r}")
     common_checks(spec, reduction, ignore_index)
     chunked._check_chunk_size(chunk_size)
+
+
+fused_linear_nkd_loss, FusedLinearNKDLoss = fused_forms(NKD, "fused_linear_nkd_loss", "FusedLinearNKDLoss")
+# token-level KD defaults to temperature 1 (forward KL, the usual choice for language models), not kd_loss's 4
+fused_linear_kd_loss, FusedLinearKDLoss = fused_forms(KD, "fused_linear_kd_loss", "FusedLinearKDLoss", temperature=1.0)
+fused_linear_dkd_loss, FusedLinearDKDLoss = fused_forms(DKD, "fused_linear_dkd_loss", "FusedLinearDKDLoss")

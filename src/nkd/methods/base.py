@@ -127,6 +127,7 @@ class LossMethod(Method):
     """
 
     key: ClassVar[str] = ""
+    weight_field: ClassVar[str] = "kd_weight"  # the params field that weighs the loss (absent: weight 1)
     objective = "ce_weight·CE + kd_weight·L"
 
     def __init_subclass__(cls, **kw: Any) -> None:
@@ -137,8 +138,7 @@ class LossMethod(Method):
 
     def weight(self, epoch: int) -> float | None:
         """The distillation term's weight at ``epoch``; ``None`` = 1 (no multiplication)."""
-        w = getattr(self.p, "kd_weight", None)
-        return None if w is None else w
+        return getattr(self.p, self.weight_field, None)
 
     def losses(self, out, teacher, target, epoch):
         z, p = out["logits"], self.p
@@ -190,6 +190,18 @@ class Teacher(nn.Module):
         return {"logits": self.model(x)}
 
 
+def loss_method(name: str, spec: type, *, key: str, objective: str, base: type | None = None, **weights: Any) -> type:
+    """Register the method ``name`` built on ``spec`` in one line: its params are ``spec`` plus the
+    ``weights`` fields (``ce_weight=ce_weight(0.1)``, ``kd_weight=…``, ``warmup_epochs=…``), its class
+    a ``base`` (default :class:`LossMethod`) logging ``loss_<key>``; returns the method class."""
+    fields = [(n, type(f.default), f) for n, f in weights.items()]
+    params = dataclasses.make_dataclass(f"{spec.__name__}Params", fields, bases=(spec,))
+    params.__module__ = spec.__module__
+    cls = type(f"{spec.__name__}Method", (base or LossMethod,), {"Params": params, "key": key, "objective": objective,
+                                                                 "__module__": spec.__module__})
+    return register(name)(cls)
+
+
 def derive_methods() -> None:
     """Register a :class:`LossMethod` for every loss spec registered with ``method=`` defaults that
     has no method yet: its params are the spec plus ``ce_weight`` and ``kd_weight``, its objective
@@ -200,13 +212,8 @@ def derive_methods() -> None:
         defaults = getattr(spec, "method_defaults", None)
         if defaults is None or name in METHODS:
             continue
-        params = dataclasses.make_dataclass(
-            f"{spec.__name__}Params",
-            [("ce_weight", float, ce_weight(defaults.get("ce_weight", 1.0))),
-             ("kd_weight", float, kd_weight(defaults.get("kd_weight", 1.0)))], bases=(spec,))
-        params.__module__ = spec.__module__
-        register(name)(type(f"{spec.__name__}Method", (LossMethod,), {"Params": params, "key": name,
-                                                                      "__module__": spec.__module__}))
+        loss_method(name, spec, key=name, objective=f"ce_weight·CE + kd_weight·{name}",
+                    ce_weight=ce_weight(defaults.get("ce_weight", 1.0)), kd_weight=kd_weight(defaults.get("kd_weight", 1.0)))
 
 
 def method_params(name: str, params: dict[str, Any] | None, problems: list[str]) -> Params | None:

@@ -11,48 +11,16 @@ Objectives (``e`` the 0-based epoch):
 
 from __future__ import annotations
 
-import dataclasses
-
 from ..losses.dist import DIST
 from ..losses.logit_std import DKDZScore, KDZScore
-from .base import LossMethod, ce_weight, kd_weight, register, warmup_epochs
+from .base import ce_weight, kd_weight, loss_method, warmup_epochs
 from .teacher import RampedMethod
 
-
-@dataclasses.dataclass
-class DISTParams(DIST):
-    ce_weight: float = ce_weight(1.0)
-    kd_weight: float = kd_weight(2.0, "w_kd ≥ 0; 2 = the authors' kd_loss_weight in every published DIST config")
-
-
-@register("dist")
-class DISTMethod(LossMethod):
-    objective = "ce_weight·CE + kd_weight·DIST"
-    Params = DISTParams
-    key = "dist"
-
-
-@dataclasses.dataclass
-class KDZScoreParams(KDZScore):
-    ce_weight: float = ce_weight(0.1)
-    kd_weight: float = kd_weight(9.0)
-
-
-@register("kd_zscore")
-class KDZScoreMethod(LossMethod):
-    objective = "ce_weight·CE + kd_weight·KD_z"
-    Params = KDZScoreParams
-    key = "kd"
-
-
-@dataclasses.dataclass
-class DKDZScoreParams(DKDZScore):
-    kd_weight: float = kd_weight(9.0, "w_kd ≥ 0; multiplies α and β, as the authors' --kd-weight")
-    ce_weight: float = ce_weight(1.0)
-    warmup_epochs: int = warmup_epochs()
-
-
-@register("dkd_zscore")
-class DKDZScoreMethod(RampedMethod):
-    objective = "ce_weight·CE + min((e+1)/warmup_epochs, 1)·kd_weight·DKD_z"
-    Params = DKDZScoreParams
+DISTMethod = loss_method("dist", DIST, key="dist", objective="ce_weight·CE + kd_weight·DIST", ce_weight=ce_weight(1.0),
+                         kd_weight=kd_weight(2.0, "w_kd ≥ 0; 2 = the authors' kd_loss_weight in every published DIST config"))
+KDZScoreMethod = loss_method("kd_zscore", KDZScore, key="kd", objective="ce_weight·CE + kd_weight·KD_z",
+                             ce_weight=ce_weight(0.1), kd_weight=kd_weight(9.0))
+DKDZScoreMethod = loss_method("dkd_zscore", DKDZScore, key="dkd", base=RampedMethod,
+                              objective="ce_weight·CE + min((e+1)/warmup_epochs, 1)·kd_weight·DKD_z",
+                              kd_weight=kd_weight(9.0, "w_kd ≥ 0; multiplies α and β, as the authors' --kd-weight"),
+                              ce_weight=ce_weight(1.0), warmup_epochs=warmup_epochs())

@@ -19,33 +19,13 @@ from ..losses.dense import dense_loss
 from ..losses.selfkd import LabelSmoothing, TfKD, ZipfLS
 from ..losses.spec import hp, in_range, nonnegative
 from ..losses.uskd import USKD
-from .base import LossMethod, ce, ce_weight, register
+from .base import LossMethod, ce, ce_weight, loss_method, register
 
-
-@register("ls")
-class LSMethod(LossMethod):
-    """Label smoothing replaces CE: ``loss_ls`` only."""
-
-    objective = "LS_ε(z, y) (replaces CE)"
-
-    Params = LabelSmoothing
-    key = "ls"
-
-
-@dataclasses.dataclass
-class ZipfLSParams(ZipfLS):
-    weight: float = hp(1.0, nonnegative, "weight ≥ 0 of the Zipf term (official CIFAR-100 runs: 0.1)")
-    ce_weight: float = ce_weight(1.0)
-
-
-@register("zipf_ls")
-class ZipfLSMethod(LossMethod):
-    objective = "ce_weight·CE + weight·ZipfLS"
-    Params = ZipfLSParams
-    key = "zipf"
-
-    def weight(self, epoch):
-        return self.p.weight
+LSMethod = loss_method("ls", LabelSmoothing, key="ls", objective="LS_ε(z, y) (replaces CE)")  # no CE term
+ZipfLSMethod = loss_method("zipf_ls", ZipfLS, key="zipf", objective="ce_weight·CE + weight·ZipfLS",
+                           weight=hp(1.0, nonnegative, "weight ≥ 0 of the Zipf term (official CIFAR-100 runs: 0.1)"),
+                           ce_weight=ce_weight(1.0))
+ZipfLSMethod.weight_field = "weight"
 
 
 @dataclasses.dataclass
@@ -61,7 +41,7 @@ class TfKDMethod(LossMethod):
     key = "tfkd"
 
     def weight(self, epoch):
-        return self.p.alpha * self.p.weight
+        return self.p.alpha * self.p.weight  # (1 − α)·CE + α·weight·TfKD
 
     def losses(self, out, teacher, target, epoch):
         return {"loss_ce": (1 - self.p.alpha) * ce(out["logits"], target), **super().losses(out, teacher, target, epoch)}

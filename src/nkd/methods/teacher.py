@@ -10,12 +10,10 @@ The formulas of the loss terms are in :mod:`nkd.losses` and ``docs/methods.md``.
 
 from __future__ import annotations
 
-import dataclasses
-
 from ..losses.dkd import DKD
 from ..losses.kd import KD
 from ..losses.nkd import NKD
-from .base import LossMethod, Method, ce, ce_weight, kd_weight, register, warmup_epochs
+from .base import LossMethod, Method, ce, ce_weight, kd_weight, loss_method, register, warmup_epochs
 
 
 @register("ce")
@@ -24,19 +22,6 @@ class CEMethod(Method):
 
     def losses(self, out, teacher, target, epoch):
         return {"loss_ce": ce(out["logits"], target)}
-
-
-@dataclasses.dataclass
-class KDParams(KD):
-    ce_weight: float = ce_weight(0.1)
-    kd_weight: float = kd_weight(0.9)
-
-
-@register("kd")
-class KDMethod(LossMethod):
-    objective = "ce_weight·CE + kd_weight·KD"
-    Params = KDParams
-    key = "kd"
 
 
 class RampedMethod(LossMethod):
@@ -61,29 +46,9 @@ class RampedMethod(LossMethod):
         return self.ramp(epoch) if w is None else self.ramp(epoch) * w
 
 
-@dataclasses.dataclass
-class DKDParams(DKD):
-    ce_weight: float = ce_weight(1.0)
-    warmup_epochs: int = warmup_epochs()
-
-
-@register("dkd")
-class DKDMethod(RampedMethod):
-    objective = "ce_weight·CE + min((e+1)/warmup_epochs, 1)·DKD"
-    Params = DKDParams
-
-
-@dataclasses.dataclass
-class NKDParams(NKD):
-    ce_weight: float = ce_weight(1.0)
-
-
-@register("nkd")
-class NKDMethod(LossMethod):
-    """``loss_ce``, ``loss_nkd``; logged only: its parts ``nkd_target`` (L_t) and ``nkd_non_target``
-    (L_non, whose minimum is γλ²·H(T̂), not 0)."""
-
-    objective = "ce_weight·CE + NKD"
-
-    Params = NKDParams
-    key = "nkd"
+KDMethod = loss_method("kd", KD, key="kd", objective="ce_weight·CE + kd_weight·KD",
+                       ce_weight=ce_weight(0.1), kd_weight=kd_weight(0.9))
+DKDMethod = loss_method("dkd", DKD, key="dkd", base=RampedMethod, objective="ce_weight·CE + min((e+1)/warmup_epochs, 1)·DKD",
+                        ce_weight=ce_weight(1.0), warmup_epochs=warmup_epochs())
+# logged only: NKD's parts nkd_target (L_t) and nkd_non_target (L_non, whose minimum is γλ²·H(T̂), not 0)
+NKDMethod = loss_method("nkd", NKD, key="nkd", objective="ce_weight·CE + NKD", ce_weight=ce_weight(1.0))
