@@ -355,7 +355,7 @@ def test_modules_forward_to_functions():
     torch.testing.assert_close(loss, uskd_loss(z, m.head(f), t, mu=0.1))
     loss.backward()
     assert m.head.weight.grad is not None and f.grad is not None and f.grad.abs().sum() > 0
-    assert set(LOSSES) == {"nkd", "uskd", "kd", "dkd", "ls", "zipf_ls", "tfkd", "dist", "kd_zscore", "dkd_zscore"}
+    assert set(LOSSES) == {"nkd", "uskd", "kd", "dkd", "ls", "zipf_ls", "tfkd", "dist", "kd_zscore", "dkd_zscore", "jsd"}
 
 
 def test_kd_ignore_index_leaves_rows_out_of_the_mean():

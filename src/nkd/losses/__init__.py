@@ -15,12 +15,15 @@ from .dist import DISTLoss, dist_loss
 from .dkd import DKDLoss, dkd_loss
 from .fused import (
     FusedLinearDKDLoss,
+    FusedLinearJSDLoss,
     FusedLinearKDLoss,
     FusedLinearNKDLoss,
     fused_linear_dkd_loss,
+    fused_linear_jsd_loss,
     fused_linear_kd_loss,
     fused_linear_nkd_loss,
 )
+from .jsd import JSDLoss, jsd_loss
 from .kd import KDLoss, kd_loss
 from .logit_std import DKDZScoreLoss, KDZScoreLoss, dkd_zscore_loss, kd_zscore_loss, standardize_logits
 from .nkd import NKDLoss, nkd_loss
@@ -69,4 +72,8 @@ __all__ = [
     "FusedLinearKDLoss",
     "fused_linear_dkd_loss",
     "FusedLinearDKDLoss",
+    "jsd_loss",
+    "JSDLoss",
+    "fused_linear_jsd_loss",
+    "FusedLinearJSDLoss",
 ]

@@ -72,6 +72,7 @@ from torch import Tensor, nn
 
 from .chunked import TOPK_REST, default_chunk_size, fused_linear_loss, make_teacher
 from .dkd import DKD
+from .jsd import JSD
 from .kd import KD
 from .nkd import NKD
 from .spec import LossSpec
@@ -83,6 +84,8 @@ __all__ = [
     "FusedLinearNKDLoss",
     "FusedLinearKDLoss",
     "FusedLinearDKDLoss",
+    "fused_linear_jsd_loss",
+    "FusedLinearJSDLoss",
     "fused_forms",
     "TOPK_REST",
     "default_chunk_size",
@@ -196,3 +199,4 @@ fused_linear_nkd_loss, FusedLinearNKDLoss = fused_forms(NKD, "fused_linear_nkd_l
 # token-level KD defaults to temperature 1 (forward KL, the usual choice for language models), not kd_loss's 4
 fused_linear_kd_loss, FusedLinearKDLoss = fused_forms(KD, "fused_linear_kd_loss", "FusedLinearKDLoss", temperature=1.0)
 fused_linear_dkd_loss, FusedLinearDKDLoss = fused_forms(DKD, "fused_linear_dkd_loss", "FusedLinearDKDLoss")
+fused_linear_jsd_loss, FusedLinearJSDLoss = fused_forms(JSD, "fused_linear_jsd_loss", "FusedLinearJSDLoss")
