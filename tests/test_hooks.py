@@ -29,10 +29,10 @@ def test_zoo_model_outputs_and_inputs_by_path_match_a_manual_forward():
 
 
 def test_timm_and_torchvision_models_by_path():
-    for name, path in (("timm/resnet18", "layer3.1.conv2"), ("torchvision/resnet18", "layer4.0")):
+    for name, path in (("timm/resnet18", "layer3.1.conv2"), ("tv/resnet18", "layer4.0")):
         try:
             m = create_model(name, 10)
-        except (ImportError, KeyError, ValueError) as e:  # an adapter that is not installed
+        except ImportError as e:  # an adapter whose package is not installed
             pytest.skip(f"{name}: {e}")
         with FeatureTaps(m, [path], detach=True) as taps:
             m(torch.randn(1, 3, 64, 64))
