@@ -199,7 +199,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from .config import load_config
     from .engine import NonFiniteError
     from .report import write_report
-    from .sweep import sweep
+    from .sweep import SweepIncomplete, sweep
 
     configs = [a for a in args.items if "=" not in a]
     overrides = [a for a in args.items if "=" in a]
@@ -215,10 +215,30 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     except NonFiniteError as e:
         print(f"nkd: training stopped: {e}", file=sys.stderr)
         return 1
+    except SweepIncomplete as e:
+        return _sweep_incomplete(e, args, configs)
     out = Path(args.report_dir) if args.report_dir else Path(os.path.commonpath([str(d.parent) for d in dirs]))
     print(write_report(dirs, out, title=f"sweep of {', '.join(configs)}"))
     print(f"report: {out / 'report.md'}")
     return 0
+
+
+def _sweep_incomplete(e, args: argparse.Namespace, configs: list[str]) -> int:
+    """Some runs of a sweep did not finish: name them, report the finished ones, exit non-zero."""
+    from .report import ReportError, write_report
+
+    print(f"nkd sweep: {e}", file=sys.stderr)
+    dirs = getattr(e, "dirs", [])
+    finished = [d for d in dirs if (d / "summary.json").is_file()]
+    if finished:
+        out = Path(args.report_dir) if args.report_dir else Path(os.path.commonpath([str(d.parent) for d in dirs]))
+        try:
+            print(write_report(finished, out, title=f"sweep of {', '.join(configs)} ({len(finished)} of "
+                                                    f"{len(dirs)} runs finished)"))
+            print(f"report of the {len(finished)} finished runs: {out / 'report.md'}")
+        except ReportError as err:
+            print(f"nkd sweep: no report: {err}", file=sys.stderr)
+    return e.code
 
 
 def _sweep_parser(p: argparse.ArgumentParser) -> None:

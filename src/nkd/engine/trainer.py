@@ -401,7 +401,10 @@ class Trainer:
         name = signal.Signals(self._signal).name if self._signal else "a stop signal on another rank"
         saved = ", ".join(str(s.run.ckpt_dir / "last.pt") for s in self.active)
         step = self.active[0].state.global_step if self.active else 0
-        return f"stopped on {name} {where}, global step {step}; saved {saved} — continue with --resume"
+        msg = f"stopped on {name} {where}, global step {step}; saved {saved} — continue with --resume"
+        for s in self.active:  # every run's own train.log says why it ended (lockstep students included)
+            s.log.info("%s", msg)
+        return msg
 
     def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
         s = self.students[0]
