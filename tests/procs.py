@@ -52,6 +52,23 @@ def spawn(cmd: list[str], *, capture_output: bool = False, **kw) -> Iterator[sub
         kill_group(proc)
 
 
+_started: list[subprocess.Popen] = []
+
+
+def start(cmd: list[str], **kw) -> subprocess.Popen:
+    """``Popen(cmd)`` in a new session, its process group killed at the end of the test at the
+    latest (``tests/conftest.py``)."""
+    proc = subprocess.Popen(cmd, start_new_session=True, **kw)
+    _started.append(proc)
+    return proc
+
+
+def kill_started() -> None:
+    """Kill the process group of every process :func:`start` started (the end of a test)."""
+    while _started:
+        kill_group(_started.pop())
+
+
 def run(cmd: list[str], *, timeout: float | None = None, input: str | None = None, **kw) -> subprocess.CompletedProcess:
     """``subprocess.run`` with the process group killed on any exit (a timeout included)."""
     kw.setdefault("text", True)
