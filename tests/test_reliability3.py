@@ -5,6 +5,7 @@ Real runs, real files, the real CLI; each test failed on the code before its fix
 
 from __future__ import annotations
 
+import json
 import struct
 import zipfile
 from pathlib import Path
@@ -71,3 +72,30 @@ def test_a_bit_flipped_teacher_checkpoint_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert str(ck) in err and "corrupt" in err and "CRC-32" in err
     assert not (tmp_path / "s" / "checkpoints" / "last.pt").exists()
+
+
+# ----------------------------------------------------------------------------- 8. best.pt lost
+def test_a_failed_best_pt_write_never_leaves_a_summary_naming_a_missing_best(tmp_path, capsys):
+    """best.pt cannot be written after epoch 1 (here: a directory stands in its place, as a full disk
+    would refuse it); after the cause is gone, --resume finishes and summary.json, best.pt and
+    nkd export agree."""
+    cfg = config(tmp_path, "run", epochs=1)
+    best = tmp_path / "run" / "checkpoints" / "best.pt"
+    best.mkdir(parents=True)
+    assert cli_main(["train", cfg]) == 1
+    assert "cannot write checkpoint" in capsys.readouterr().err
+    best.rmdir()
+    assert cli_main(["train", cfg, "--resume"]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert best.is_file() and load_checkpoint(best)["epoch"] + 1 == summary["best_epoch"] == 1
+    assert cli_main(["export", str(tmp_path / "run")]) == 0
+
+
+def test_resume_rewrites_a_best_pt_that_went_missing(tmp_path):
+    cfg = config(tmp_path, "run", epochs=1)  # one epoch: it is the best
+    Trainer(load_config(cfg)).fit()
+    ck = tmp_path / "run" / "checkpoints"
+    (ck / "best.pt").unlink()
+    assert cli_main(["train", cfg, "--resume"]) == 0
+    assert same(weights(tmp_path / "run", "best.pt"), weights(tmp_path / "run"))
+    assert "rewrote" in (tmp_path / "run" / "train.log").read_text()

@@ -74,9 +74,28 @@ def save_checkpoint(ckpt_dir: Path, state: dict[str, Any], is_best: bool) -> Non
             os.replace(tmp, ckpt_dir / "prev.pt")
         except OSError:
             tmp.unlink(missing_ok=True)
-    save_atomic(state, last)
-    if is_best:
+    if is_best:  # best.pt first: if it cannot be written, last.pt does not claim a best it lacks
         save_atomic(state, ckpt_dir / "best.pt")
+    save_atomic(state, last)
+
+
+def restore_best(ckpt_dir: Path, path: Path, ck: dict[str, Any], log) -> None:
+    """A resumed checkpoint whose best epoch is its own epoch, while ``best.pt`` is missing or
+    holds another epoch (a write that failed, e.g. on a full disk, before best.pt came first):
+    rewrite ``best.pt`` from it, so ``summary.json`` and the files agree."""
+    best = ck.get("best") or {}
+    if ck.get("partial") or best.get("epoch") != int(ck["epoch"]) + 1:
+        return
+    target = ckpt_dir / "best.pt"
+    try:
+        current = load_checkpoint(target) if target.is_file() else None
+    except ValueError:
+        current = None
+    if current is not None and int(current.get("epoch", -2)) == int(ck["epoch"]):
+        return
+    save_atomic(ck, target)
+    log.info("rewrote %s from %s: the run's best epoch is %s and best.pt %s", target, path, best["epoch"],
+             "held another epoch" if current is not None else "was missing")
 
 
 def read_checkpoints(ckpt_dir: Path, log) -> list[tuple[Path, dict[str, Any]]]:

@@ -36,7 +36,7 @@ from . import faults
 from .distributed import DistInfo, all_reduce_max, all_reduce_sum, barrier, init_distributed
 from .guard import NonFiniteError
 from .rundir import RunDir
-from .state import check_compatible, describe_position, read_checkpoints
+from .state import check_compatible, describe_position, read_checkpoints, restore_best
 from .step import Student
 
 log = logging.getLogger("nkd")
@@ -258,6 +258,7 @@ class Trainer:
                                  f"steps and the config now gives {steps} steps per epoch; resume with the original "
                                  "data settings to finish that epoch first")
             s.load(path, ck, changes)
+            restore_best(s.run.ckpt_dir, path, ck, s.log)
             restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
             why = f" (torchrun restart {restart})" if restart else ""
             s.log.info("resumed from %s %s, of %d epochs; global step %d%s", path,
