@@ -6,12 +6,15 @@ Real runs, real files, the real CLI; each test failed on the code before its fix
 from __future__ import annotations
 
 import json
+import resource
+import signal
 import struct
 import zipfile
 from pathlib import Path
 
 import torch
 
+import procs
 from helpers import write_config
 from nkd.cli import main as cli_main
 from nkd.config import load_config
@@ -99,3 +102,38 @@ def test_resume_rewrites_a_best_pt_that_went_missing(tmp_path):
     assert cli_main(["train", cfg, "--resume"]) == 0
     assert same(weights(tmp_path / "run", "best.pt"), weights(tmp_path / "run"))
     assert "rewrote" in (tmp_path / "run" / "train.log").read_text()
+
+
+# ----------------------------------------------------------------------------- 9. a full disk at the start
+def _limit_file_size(limit: int):
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG, as a full disk gives ENOSPC
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def test_a_full_disk_at_the_start_is_one_line_naming_the_file_and_leaves_nothing(tmp_path):
+    cfg = config(tmp_path, "run", epochs=1)
+    res = procs.nkd("train", cfg, preexec_fn=_limit_file_size(1000))  # the lock fits, config.yaml does not
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "Logging error" not in res.stderr and "Traceback" not in res.stderr
+    assert f"cannot write {tmp_path / 'run' / 'config.yaml'}" in res.stderr
+    assert len(res.stderr.strip().splitlines()) <= 2  # the error (and at most one line on the lost log)
+    assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- 15. a missing dataset
+def test_a_missing_dataset_creates_nothing_and_names_only_nkd_settings(tmp_path, capsys):
+    root = tmp_path / "empty"
+    root.mkdir()
+    cfg = write_config(tmp_path / "c.yaml", output_dir=str(tmp_path / "out" / "run"), method={"name": "ce"},
+                       model={"name": "resnet8", "num_classes": 100},
+                       data={"name": "cifar100", "root": str(root), "download": False, "image_size": None})
+    assert cli_main(["train", cfg]) == 2
+    err = capsys.readouterr().err
+    assert "cifar100 not found" in err and "data.download=true" in err
+    assert "download=True" not in err  # torchvision's argument, not a setting of nkd
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+    assert list(root.iterdir()) == []

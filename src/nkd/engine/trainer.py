@@ -179,6 +179,8 @@ class Trainer:
             faults.install(self)
         except BaseException:
             self.close()
+            for run in self.runs:  # nothing trained: bad input leaves nothing behind
+                run.discard()
             raise
 
     # ------------------------------------------------------------------ setup
