@@ -12,6 +12,7 @@ import struct
 import zipfile
 from pathlib import Path
 
+import pytest
 import torch
 
 import procs
@@ -137,3 +138,15 @@ def test_a_missing_dataset_creates_nothing_and_names_only_nkd_settings(tmp_path,
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
     assert list(root.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- 10. another optimizer on resume
+@pytest.mark.parametrize("change", [["optim.name=adamw"], ["optim.no_decay_norm_bias=true"]])
+def test_resume_with_another_optimizer_starts_it_fresh_and_says_so(tmp_path, capsys, change):
+    cfg = config(tmp_path, "run", epochs=1)
+    assert cli_main(["train", cfg]) == 0
+    assert cli_main(["train", cfg, "--resume", "--allow-changes", "schedule.epochs=2", *change]) == 0
+    assert "starts fresh" in (tmp_path / "run" / "train.log").read_text()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert "starts fresh" in summary["config_changes"][0]["optimizer"]
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["epoch"] == 1

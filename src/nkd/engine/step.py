@@ -247,7 +247,7 @@ class Student:
         if problem:
             raise ValueError(f"cannot resume from {path}: {problem}")
         self.trainable.load_state_dict(ck["trainable"])
-        self.optimizer.load_state_dict(ck["optimizer"])
+        fresh = self._load_optimizer(path, ck, changes)
         self.scaler.load_state_dict(ck["scaler"])
         if self.ema is not None and ck.get("ema") is not None:
             self.ema.load_state_dict(ck["ema"])
@@ -260,9 +260,30 @@ class Student:
         if changes:
             epoch, step = self.state.position()
             self.state.changes.append({"at": describe_position(epoch, step), "global_step": self.state.global_step,
-                                       "changes": {k: list(v) for k, v in changes.items()}})
+                                       "changes": {k: list(v) for k, v in changes.items()},
+                                       **({"optimizer": fresh} if fresh else {})})
+            if fresh:
+                self.log.info("--allow-changes: %s", fresh)
             self.log.info("--allow-changes: continuing with %s", "; ".join(f"{k}: {a!r} → {b!r}"
                                                                           for k, (a, b) in changes.items()))
+
+    def _load_optimizer(self, path, ck: dict[str, Any], changes: dict[str, tuple[Any, Any]]) -> str | None:
+        """Restore the optimizer's state; with accepted changes that make the saved state not fit
+        (another ``optim.name``, other parameter groups) the optimizer starts fresh instead — the
+        returned note says so (None when the state was restored)."""
+        from ..typed import first_line
+
+        if "optim.name" in changes:
+            a, b = changes["optim.name"]
+            return (f"optim.name changed ({a} → {b}): the {b} optimizer starts fresh (no momentum or moment "
+                    f"estimates from {a})")
+        try:
+            self.optimizer.load_state_dict(ck["optimizer"])
+        except (ValueError, KeyError) as e:
+            if not changes:
+                raise ValueError(f"cannot resume from {path}: its optimizer state does not fit: {first_line(e)}") from e
+            return f"the saved optimizer state does not fit the changed settings ({first_line(e)}): it starts fresh"
+        return None
 
     def summary(self, world_size: int) -> dict[str, Any]:
         cfg, st = self.cfg, self.state
