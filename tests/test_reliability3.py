@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import procs
 from helpers import write_config
@@ -150,3 +151,36 @@ def test_resume_with_another_optimizer_starts_it_fresh_and_says_so(tmp_path, cap
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert "starts fresh" in summary["config_changes"][0]["optimizer"]
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["epoch"] == 1
+
+
+# ----------------------------------------------------------------------------- 11. keys added since
+def test_a_checkpoint_from_before_a_key_existed_resumes_without_a_phantom_change(tmp_path, capsys):
+    cfg = config(tmp_path, "run", epochs=1)
+    assert cli_main(["train", cfg]) == 0
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    ck = load_checkpoint(last)
+    old = yaml.safe_load(ck["config"])
+    del old["optim"]["no_decay_norm_bias"]  # as a version before the key wrote it
+    del old["method"]["params"]["temperature"]
+    ck["config"] = yaml.safe_dump(old, sort_keys=False)
+    torch.save(ck, last)
+    assert cli_main(["train", cfg, "--resume"]) == 0, capsys.readouterr().err
+    # a key added since, set to something else than what the old code did, is still a change
+    assert cli_main(["train", cfg, "--resume", "optim.no_decay_norm_bias=true"]) == 2
+    assert "optim.no_decay_norm_bias: False → True" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- 12. another dataset folder
+def test_resume_lists_a_changed_data_root(tmp_path, capsys):
+    from helpers import make_cifar
+
+    for name in ("a", "b"):
+        make_cifar(tmp_path / name, "cifar10", seed=ord(name))
+    cfg = config(tmp_path, "run", epochs=1, method={"name": "ce"}, teacher=None, model={"name": "resnet8", "num_classes": 10},
+                 data={"name": "cifar10", "root": str(tmp_path / "a"), "verify_checksums": False,
+                       "image_size": None})
+    assert cli_main(["train", cfg]) == 0
+    assert cli_main(["train", cfg, "--resume", f"data.root={tmp_path / 'a'}/"]) == 0  # the same folder
+    capsys.readouterr()
+    assert cli_main(["train", cfg, "--resume", f"data.root={tmp_path / 'b'}"]) == 2
+    assert f"data.root: {str(tmp_path / 'a')!r} → {str(tmp_path / 'b')!r}" in capsys.readouterr().err

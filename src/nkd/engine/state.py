@@ -117,6 +117,42 @@ def read_checkpoints(ckpt_dir: Path, log) -> list[tuple[Path, dict[str, Any]]]:
     return found
 
 
+def with_new_defaults(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's stored config (flattened) with the keys added to nkd since it was written
+    filled in with their defaults — what the older code did — so they are no phantom change
+    ``None → default``. A key the new config sets to another value is still a change."""
+    from dataclasses import asdict
+
+    from ..config import Config, ModelConfig, flatten
+    from ..methods import METHODS
+
+    defaults = flatten(Config().to_dict())
+    defaults.update({f"teacher.{k}": v for k, v in flatten(asdict(ModelConfig())).items()})
+    method = METHODS.get(str(new.get("method", {}).get("name")))
+    if method is not None:
+        try:
+            defaults.update({f"method.params.{k}": v for k, v in asdict(method.Params()).items()})
+        except TypeError:  # a method whose parameters have no defaults: nothing to fill
+            pass
+    flat_old, flat_new = flatten(old), flatten(new)
+    if flat_old.get("teacher") is None and flat_new.get("teacher") is None:
+        defaults = {k: v for k, v in defaults.items() if not k.startswith("teacher.")}
+    added = {k: defaults[k] for k in flat_new if k not in flat_old and k in defaults
+             and not any(o.startswith(k + ".") or k.startswith(o + ".") for o in flat_old if o != k)}
+    return {**flat_old, **added}
+
+
+def data_root_change(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``data.root`` is a change of the run when it names another folder of a dataset read from
+    disk (another train and test set); the same folder spelled differently is not."""
+    a, b = (d.get("data", {}).get("root") for d in (old, new))
+    if new.get("data", {}).get("name") in ("synthetic", "digits") or a == b:
+        return {}
+    if a is not None and b is not None and os.path.normpath(os.path.abspath(a)) == os.path.normpath(os.path.abspath(b)):
+        return {}
+    return {"data.root": (a, b)}
+
+
 def check_compatible(path: Path, ck: dict[str, Any], cfg_dict: dict[str, Any], allow_changes: bool
                      ) -> dict[str, tuple[Any, Any]]:
     """Refuse a checkpoint written for another run; return the accepted config changes."""
@@ -128,7 +164,8 @@ def check_compatible(path: Path, ck: dict[str, Any], cfg_dict: dict[str, Any], a
             raise ValueError(f"cannot resume from {path}: it was written for {key}={ck.get(key)!r}, "
                              f"the config says {want!r}")
     old = yaml.safe_load(ck.get("config") or "{}") or {}
-    changes = config_changes(old, cfg_dict)
+    changes = config_changes(with_new_defaults(old, cfg_dict), cfg_dict)
+    changes.update(data_root_change(old, cfg_dict))
     if changes and not allow_changes:
         listed = "; ".join(f"{k}: {a!r} → {b!r}" for k, a, b in ((k, *v) for k, v in changes.items()))
         raise ValueError(f"cannot resume from {path}: the config changes the run ({listed}); resume with the "
