@@ -184,3 +184,42 @@ def test_resume_lists_a_changed_data_root(tmp_path, capsys):
     capsys.readouterr()
     assert cli_main(["train", cfg, "--resume", f"data.root={tmp_path / 'b'}"]) == 2
     assert f"data.root: {str(tmp_path / 'a')!r} → {str(tmp_path / 'b')!r}" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- 13, 14. config and summary files
+def _train_fails(tmp_path, capsys, text: bytes) -> str:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_bytes(text)
+    assert cli_main(["train", str(cfg), f"output_dir={tmp_path / 'run'}"]) == 2
+    assert not (tmp_path / "run").exists()
+    return capsys.readouterr().err
+
+
+def test_a_config_that_is_not_utf8_is_a_clear_error(tmp_path, capsys):
+    err = _train_fails(tmp_path, capsys, b"\xff\xfeseed: 0\n")
+    assert "c.yaml: not UTF-8 text" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("text,key,where", [
+    (b"seed: 0\ndata:\n  name: synthetic\nseed: 5\n", "'seed'", "lines 1 and 4"),
+    (b"seed: 0\noptim:\n  lr: 0.1\n  momentum: 0.9\n  lr: 0.2\n", "'lr'", "lines 3 and 5"),
+    (b"optim: {lr: 0.1, lr: 0.2}\n", "'lr'", "twice on line 1"),
+])
+def test_a_duplicate_yaml_key_is_refused_naming_the_key_and_lines(tmp_path, capsys, text, key, where):
+    err = _train_fails(tmp_path, capsys, text)
+    assert f"duplicate key {key} ({where})" in err
+
+
+def test_yaml_merge_keys_may_still_override():
+    from nkd.typed import load_yaml
+
+    assert load_yaml("base: &b {lr: 0.1, wd: 1}\nrun:\n  <<: *b\n  lr: 0.2\n")["run"] == {"lr": 0.2, "wd": 1}
+
+
+def test_report_of_a_summary_that_is_not_utf8_is_a_clear_error(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_bytes(b'{"method": "\xff"}')
+    assert cli_main(["report", str(run), "--out", str(tmp_path / "rep")]) == 2
+    err = capsys.readouterr().err
+    assert "summary.json: not UTF-8 text" in err and "Traceback" not in err

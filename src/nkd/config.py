@@ -21,7 +21,7 @@ from typing import Any, Literal
 import yaml
 
 from .methods import validate_method
-from .typed import ConfigError, build_dataclass, describe, first_line, load_yaml
+from .typed import ConfigError, DuplicateKeyError, build_dataclass, describe, first_line, load_yaml
 
 __all__ = ["Config", "ConfigError", "DataConfig", "ModelConfig", "MethodConfig", "OptimConfig", "ScheduleConfig",
            "TrainConfig", "load_config", "dump_config", "config_reference", "RUN_KEYS_SAFE_TO_CHANGE"]
@@ -317,7 +317,13 @@ def read_yaml_file(path: str | Path) -> dict:
     if not p.is_file():
         raise ConfigError([f"config file not found: {p}"])
     try:
-        data = load_yaml(p.read_text()) or {}
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"{p}: not UTF-8 text (byte {e.start}: {e.reason}); save the config as UTF-8"]) from e
+    try:
+        data = load_yaml(text) or {}
+    except DuplicateKeyError as e:
+        raise ConfigError([f"{p}: {e}"]) from e
     except yaml.YAMLError as e:
         raise ConfigError([f"{p}: not valid YAML: {e}"]) from e
     if not isinstance(data, dict):

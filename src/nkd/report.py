@@ -162,9 +162,13 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
 
 def _load(run: Path) -> tuple[dict, list[tuple[int, float]]]:
     try:
-        s = json.loads((run / "summary.json").read_text())
+        s = json.loads((run / "summary.json").read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ReportError(f"{run / 'summary.json'}: not UTF-8 text (byte {e.start}: {e.reason})") from e
     except json.JSONDecodeError as e:
         raise ReportError(f"{run / 'summary.json'}: not valid JSON ({e})") from e
+    if not isinstance(s, dict):
+        raise ReportError(f"{run / 'summary.json'}: expected a JSON object, got {type(s).__name__}")
     missing = [k for k in ("method", "student", "seed") if k not in s]
     if missing:
         raise ReportError(f"{run / 'summary.json'}: missing {', '.join(missing)} (not an nkd run summary?)")
@@ -175,7 +179,11 @@ def _load(run: Path) -> tuple[dict, list[tuple[int, float]]]:
     curve = []
     metrics = run / "metrics.jsonl"
     if metrics.is_file():
-        for i, line in enumerate(metrics.read_text().splitlines()):
+        try:
+            lines = metrics.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise ReportError(f"{metrics}: not UTF-8 text (byte {e.start}: {e.reason})") from e
+        for i, line in enumerate(lines):
             try:
                 row = json.loads(line) if line.strip() else {}
             except json.JSONDecodeError as e:
