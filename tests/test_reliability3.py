@@ -223,3 +223,39 @@ def test_report_of_a_summary_that_is_not_utf8_is_a_clear_error(tmp_path, capsys)
     assert cli_main(["report", str(run), "--out", str(tmp_path / "rep")]) == 2
     err = capsys.readouterr().err
     assert "summary.json: not UTF-8 text" in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- 16. seed bounds
+@pytest.mark.parametrize("override", ["seed=18446744073709551616", "seed=4294967296", "seed=-1",
+                                      "data.subset_seed=4294967296"])
+def test_a_seed_out_of_the_range_really_used_is_refused_naming_it(tmp_path, capsys, override):
+    cfg = config(tmp_path, "run", epochs=1)
+    assert cli_main(["train", cfg, override]) == 2
+    err = capsys.readouterr().err
+    assert f"{override.split('=')[0]}: must lie in [0, 4294967295]" in err
+    assert not (tmp_path / "run").exists()
+    assert cli_main(["sweep", cfg, "--seeds", "0,4294967296"]) == 2
+    assert "seed: must lie in [0, 4294967295]" in capsys.readouterr().err
+
+
+def test_the_largest_seed_trains(tmp_path):
+    Trainer(load_config(config(tmp_path, "run", epochs=1), ["seed=4294967295"])).fit()
+
+
+# ----------------------------------------------------------------------------- 17, 5. sweep arguments
+def test_sweep_names_a_repeated_seed(tmp_path, capsys):
+    cfg = config(tmp_path, "run", epochs=1)
+    assert cli_main(["sweep", cfg, "--seeds", "0,1,0"]) == 2
+    err = capsys.readouterr().err
+    assert "--seeds names seed 0 more than once" in err and "listed twice" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_sweep_takes_an_existing_file_whose_path_holds_an_equals_sign_as_a_config(tmp_path, capsys):
+    folder = tmp_path / "lr=0.05"
+    folder.mkdir()
+    cfg = write_config(folder / "c.yaml", output_dir=str(tmp_path / "sw"), method={"name": "ce"},
+                       schedule={"name": "constant", "epochs": 1})
+    assert cli_main(["sweep", cfg, "--seeds", "0", "--workers", "1", "optim.lr=0.1"]) == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "sw" / "seed0" / "summary.json").read_text())["seed"] == 0
+    assert "lr: 0.1" in (tmp_path / "sw" / "seed0" / "config.yaml").read_text()

@@ -191,6 +191,10 @@ def _seed_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"--seeds must be comma-separated integers, got {text!r}") from e
     if not seeds:
         raise argparse.ArgumentTypeError("--seeds must name at least one seed")
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        raise argparse.ArgumentTypeError(f"--seeds names seed {', '.join(map(str, repeated))} more than once "
+                                         f"(got {text!r}): each seed is one run")
     return seeds
 
 
@@ -201,8 +205,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from .report import write_report
     from .sweep import SweepIncomplete, sweep
 
-    configs = [a for a in args.items if "=" not in a]
-    overrides = [a for a in args.items if "=" in a]
+    is_config = [("=" not in a or Path(a).is_file()) for a in args.items]  # an existing file is a config
+    configs = [a for a, c in zip(args.items, is_config) if c]
+    overrides = [a for a, c in zip(args.items, is_config) if not c]
     if not configs:
         return _bad_input("sweep: name at least one config file")
     for c in configs:

@@ -214,6 +214,20 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+#: seeds are used modulo 2**32 in places (NumPy): larger ones would repeat smaller ones' runs
+SEED_MAX = 2**32 - 1
+
+
+def check_seeds(cfg: Config, problems: list[str]) -> None:
+    """Every seed within ``[0, SEED_MAX]``: NumPy takes seeds modulo 2**32 and torch at most 64
+    bits, so ``seed=4294967296`` would silently train ``seed=0``'s run again."""
+    for path, value in (("seed", cfg.seed), ("data.subset_seed", cfg.data.subset_seed),
+                        ("data.synthetic_seed", cfg.data.synthetic_seed)):
+        if isinstance(value, int) and not 0 <= value <= SEED_MAX:
+            problems.append(f"{path}: must lie in [0, {SEED_MAX}] (2**32 − 1: larger seeds would repeat a smaller "
+                            f"one's run), got {value}")
+
+
 def check_ranges(cfg: Config, problems: list[str]) -> None:
     """Value ranges and settings that contradict each other (on the fields that parsed)."""
 
@@ -222,6 +236,7 @@ def check_ranges(cfg: Config, problems: list[str]) -> None:
             problems.append(msg)
 
     o, sch, d, t = cfg.optim, cfg.schedule, cfg.data, cfg.train
+    check_seeds(cfg, problems)
     need(o.lr > 0, f"optim.lr: must be > 0, got {o.lr}")
     need(o.weight_decay >= 0, f"optim.weight_decay: must be >= 0, got {o.weight_decay}")
     need(0 <= o.momentum < 1, f"optim.momentum: must lie in [0, 1), got {o.momentum}")
