@@ -259,3 +259,32 @@ def test_sweep_takes_an_existing_file_whose_path_holds_an_equals_sign_as_a_confi
     assert cli_main(["sweep", cfg, "--seeds", "0", "--workers", "1", "optim.lr=0.1"]) == 0, capsys.readouterr().err
     assert json.loads((tmp_path / "sw" / "seed0" / "summary.json").read_text())["seed"] == 0
     assert "lr: 0.1" in (tmp_path / "sw" / "seed0" / "config.yaml").read_text()
+
+
+# ----------------------------------------------------------------------------- 18, 19. export, eval, report
+def test_export_and_report_outputs_that_cannot_be_written_are_clear_errors(tmp_path, capsys):
+    cfg = config(tmp_path, "run", epochs=1)
+    assert cli_main(["train", cfg]) == 0
+    capsys.readouterr()
+    assert cli_main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "missing" / "x.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert f"--out: folder not found: {tmp_path / 'missing'}" in err and "Traceback" not in err
+    assert not (tmp_path / "missing").exists()
+    existing = tmp_path / "file"
+    existing.write_text("keep")
+    assert cli_main(["report", str(tmp_path / "run"), "--out", str(existing)]) == 2
+    assert f"--out: {existing} is a file" in capsys.readouterr().err
+    assert existing.read_text() == "keep"
+
+
+def test_a_run_trained_with_model_kwargs_can_be_evaluated_and_exported(tmp_path, capsys):
+    cfg = config(tmp_path, "run", epochs=1, method={"name": "ce"}, teacher=None,
+                 model={"name": "shufflev2", "num_classes": 10,
+                        "kwargs": {"widths": [24, 48, 96, 128], "blocks": [1, 1, 1]}})
+    assert cli_main(["train", cfg]) == 0
+    assert cli_main(["export", str(tmp_path / "run")]) == 0, capsys.readouterr().err
+    out = tmp_path / "run" / "student.safetensors"
+    capsys.readouterr()
+    for ck in (tmp_path / "run" / "checkpoints" / "best.pt", out):
+        assert cli_main(["eval", cfg, "--checkpoint", str(ck)]) == 0, capsys.readouterr().err
+        assert '"top1"' in capsys.readouterr().out

@@ -94,7 +94,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not path.is_file():
         return _bad_input(f"--checkpoint: file not found: {path}")
     device = torch.device("cuda" if cfg.train.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
-    model = create_model(cfg.model.name, cfg.model.num_classes)
+    model = create_model(cfg.model.name, cfg.model.num_classes, **cfg.model.kwargs)
     try:
         load_weights(model, _read_weights(path), source=str(path))
     except ValueError as e:
@@ -144,20 +144,44 @@ def cmd_export(args: argparse.Namespace) -> int:
         sd = {k: v.contiguous() for k, v in extract_state_dict(ck, str(src)).items()}
         meta = {"model": str(ck["model_name"]), "num_classes": str(ck["num_classes"]), "method": str(ck["method"]),
                 "epoch": str(int(ck["epoch"]) + 1)}
-        with torch.device("meta"):  # the weights must fit the model the checkpoint names
-            model = create_model(ck["model_name"], int(ck["num_classes"]))
+        kwargs = _model_kwargs(ck)
+        if kwargs:
+            meta["model_kwargs"] = json.dumps(kwargs, sort_keys=True)
+        with torch.device("meta"):  # the weights must fit the model the checkpoint names (built as it was trained)
+            model = create_model(ck["model_name"], int(ck["num_classes"]), **kwargs)
         problem = describe_mismatch(model, sd)
         if problem:
             raise ValueError(f"{src} does not fit {ck['model_name']}: {problem}")
     except (ValueError, KeyError, TypeError) as e:
         return _bad_input(f"{src}: not an nkd training checkpoint ({e})" if not isinstance(e, ValueError) else str(e))
     out = Path(args.out) if args.out else run / "student.safetensors"
-    save_file(sd, str(out), metadata=meta)
+    if not out.parent.is_dir():
+        return _bad_input(f"--out: folder not found: {out.parent}")
+    if out.is_dir():
+        return _bad_input(f"--out: {out} is a folder; name the file to write")
+    from safetensors import SafetensorError
+
+    try:
+        save_file(sd, str(out), metadata=meta)
+    except (SafetensorError, OSError) as e:
+        return _bad_input(f"--out: cannot write {out}: {e}")
     mask = os.umask(0)
     os.umask(mask)
     out.chmod(0o666 & ~mask)  # like every other file nkd writes (safetensors creates it 0600)
     print(f"wrote {out} ({len(sd)} tensors, {meta})")
     return 0
+
+
+def _model_kwargs(ck: dict) -> dict:
+    """The ``model.kwargs`` a training checkpoint's run was built with (from its stored config)."""
+    import yaml
+
+    try:
+        cfg = yaml.safe_load(ck.get("config") or "{}") or {}
+    except yaml.YAMLError:
+        return {}
+    kwargs = (cfg.get("model") or {}).get("kwargs") if isinstance(cfg, dict) else None
+    return dict(kwargs) if isinstance(kwargs, dict) else {}
 
 
 def _export_parser(p: argparse.ArgumentParser) -> None:
@@ -265,10 +289,15 @@ def _sweep_parser(p: argparse.ArgumentParser) -> None:
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import ReportError, write_report
 
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        return _bad_input(f"--out: {out} is a file, not a folder (the report writes report.md and more into it)")
     try:
         print(write_report(args.run_dirs, args.out, title=args.title, baseline=args.baseline))
     except ReportError as e:
         return _bad_input(str(e))
+    except OSError as e:
+        return _bad_input(f"--out: cannot write the report into {out}: {e.strerror or e}")
     print(f"report: {Path(args.out) / 'report.md'} (report.json, accuracy.png, curves.png)")
     return 0
 
