@@ -288,3 +288,24 @@ def test_a_run_trained_with_model_kwargs_can_be_evaluated_and_exported(tmp_path,
     for ck in (tmp_path / "run" / "checkpoints" / "best.pt", out):
         assert cli_main(["eval", cfg, "--checkpoint", str(ck)]) == 0, capsys.readouterr().err
         assert '"top1"' in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- 3. sweep --resume checks first
+@pytest.mark.parametrize("share", [[], ["--share-teacher"]])
+def test_sweep_resume_checks_every_run_before_anything_trains(tmp_path, capsys, share):
+    a = config(tmp_path, "a", epochs=2, method={"name": "ce"}, teacher=None)
+    b = config(tmp_path, "b", epochs=2, method={"name": "ce"}, teacher=None, optim={"lr": 0.05, "momentum": 0.8})
+    assert cli_main(["sweep", a, b, "--seeds", "0,1", "--workers", "1", *share]) == 0
+    for ck in tmp_path.glob("*/seed*/checkpoints"):  # every run one epoch short of its end
+        (ck / "prev.pt").replace(ck / "last.pt")
+    cfg = yaml.safe_load(Path(b).read_text())
+    cfg["optim"]["lr"] = 0.2
+    Path(b).write_text(yaml.safe_dump(cfg))
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/seed*/checkpoints/last.pt")}
+    capsys.readouterr()
+    assert cli_main(["sweep", a, b, "--seeds", "0,1", "--workers", "1", "--resume", *share]) == 2
+    err = capsys.readouterr().err
+    assert "--resume refused for 2 runs" in err and "optim.lr: 0.05 → 0.2" in err
+    for s in (0, 1):
+        assert str(tmp_path / "b" / f"seed{s}" / "checkpoints" / "last.pt") in err
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/seed*/checkpoints/last.pt")} == before  # nothing trained

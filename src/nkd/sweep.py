@@ -291,6 +291,29 @@ def plan(configs: list[str], seeds: list[int], overrides: list[str], share_teach
     return [[job for job, _ in g] for g in groups], dirs, notes
 
 
+def resume_problems(jobs: list[Job], allow_changes: bool) -> list[str]:
+    """Why each run would refuse ``--resume`` (a changed config, another model or method, an
+    unreadable checkpoint), checked on its newest readable checkpoint without training."""
+    import logging
+
+    from .config import load_config
+    from .engine.state import check_compatible, read_checkpoints
+
+    quiet = logging.getLogger("nkd.sweep.resume-check")
+    quiet.addHandler(logging.NullHandler())
+    quiet.propagate = False
+    problems = []
+    for job in jobs:
+        cfg = load_config(job.config, job.overrides)
+        try:
+            found = read_checkpoints(Path(cfg.output_dir) / "checkpoints", quiet)
+            if found:
+                check_compatible(*found[0], cfg.to_dict(), allow_changes)
+        except ValueError as e:
+            problems.append(str(e))
+    return problems
+
+
 def sweep(configs: str | list[str], seeds: list[int], overrides: list[str], workers: int | None = None,
           resume: bool = False, overwrite: bool = False, share_teacher: bool = False, allow_changes: bool = False,
           log=print) -> list[Path]:
@@ -305,6 +328,11 @@ def sweep(configs: str | list[str], seeds: list[int], overrides: list[str], work
     used = [e for e in map(used_run_dir_error, dirs) if e] if not (resume or overwrite) else []
     if used:
         raise ValueError("; ".join(used))
+    if resume:  # every run's resume check before anything trains, every refused run listed
+        refused = resume_problems([job for g in groups for job in g], allow_changes)
+        if refused:
+            raise ValueError(f"--resume refused for {len(refused)} run{'s' if len(refused) > 1 else ''}: "
+                             + " | ".join(refused))
     for note in notes:
         log(f"nkd sweep: {note}")
     shared = sum(len(g) for g in groups if len(g) > 1)
