@@ -6,9 +6,12 @@ Real runs, real files, the real CLI; each test failed on the code before its fix
 from __future__ import annotations
 
 import json
+import os
 import resource
 import signal
 import struct
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -309,3 +312,27 @@ def test_sweep_resume_checks_every_run_before_anything_trains(tmp_path, capsys, 
     for s in (0, 1):
         assert str(tmp_path / "b" / f"seed{s}" / "checkpoints" / "last.pt") in err
     assert {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/seed*/checkpoints/last.pt")} == before  # nothing trained
+
+
+# ----------------------------------------------------------------------------- 4. a teacher still training
+def test_a_teacher_checkpoint_of_a_run_still_training_is_refused_naming_it(tmp_path, capsys):
+    t = config(tmp_path, "t", epochs=200, method={"name": "ce"}, teacher=None, train={"log_every": 1})
+    best = tmp_path / "t" / "checkpoints" / "best.pt"
+    cfg = config(tmp_path, "s", epochs=1, teacher={"name": "resnet8", "num_classes": 10, "checkpoint": str(best)})
+    teacher = procs.start([sys.executable, "-m", "nkd", "train", t], env=procs.nkd_env(OMP_NUM_THREADS="1"),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    procs.wait_until(lambda: best.is_file() or teacher.poll() is not None, "the teacher's first best.pt")
+    assert teacher.poll() is None, "the teacher run ended before the check"
+    assert cli_main(["train", cfg]) == 2
+    err = capsys.readouterr().err
+    assert "belongs to a run that is still training" in err and f"pid {teacher.pid}" in err
+    assert "NKD_ALLOW_LIVE_TEACHER=1" in err
+    assert not (tmp_path / "s").exists()
+    os.environ["NKD_ALLOW_LIVE_TEACHER"] = "1"
+    try:
+        assert cli_main(["train", cfg]) == 0
+    finally:
+        del os.environ["NKD_ALLOW_LIVE_TEACHER"]
+    assert "still training" in (tmp_path / "s" / "train.log").read_text()
+    procs.kill_started()
+    assert cli_main(["train", cfg, "--overwrite"]) == 0  # the teacher's run is gone: its lock is stale

@@ -266,6 +266,27 @@ class RunDir:
         self._made, self._new_files = None, []
 
 
+def live_run_owning(path: str | os.PathLike) -> str | None:
+    """Who is still training the run a checkpoint file belongs to (``RUN/checkpoints/x.pt`` with
+    ``RUN/.nkd.lock`` held by a live process on this host, not this one), or None."""
+    ck = Path(path).resolve()
+    lock = ck.parent.parent / LOCK_NAME
+    if ck.parent.name != "checkpoints" or not lock.is_file():
+        return None
+    try:
+        owner = json.loads(lock.read_text())
+    except (OSError, ValueError):
+        return None
+    pid = owner.get("pid")
+    if not isinstance(pid, int) or pid == os.getpid():
+        return None
+    if owner.get("host") != socket.gethostname():
+        return f"pid {pid} on host {owner.get('host')} (cannot be checked from here)"
+    if not _alive(pid, owner.get("start")):
+        return None
+    return f"pid {pid} on host {owner.get('host')}, started {owner.get('since', '?')}: {owner.get('command', '')!r}"
+
+
 class _LogFile(logging.FileHandler):
     """``train.log``: a write that fails (a full disk) is said once on stderr, naming the file,
     instead of logging's "--- Logging error ---" traceback for every line."""

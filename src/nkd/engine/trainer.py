@@ -213,6 +213,8 @@ class Trainer:
         if not wanted:
             return None, ()
         tc = next(x.teacher for x in self.cfgs if METHODS[x.method.name].needs_teacher())
+        if tc.checkpoint:
+            check_teacher_is_final(tc.checkpoint)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.seed)  # a teacher without a checkpoint is initialized from the seed
             model = create_model(tc.name, tc.num_classes, checkpoint=tc.checkpoint, **tc.kwargs)
@@ -498,6 +500,26 @@ class Trainer:
         s.log.info("done: best top1 %.2f (epoch %s), last top1 %.2f", summary["best_top1"] or 0,
                    summary["best_epoch"], summary["last_top1"] or 0)
         return summary
+
+
+ALLOW_LIVE_TEACHER = "NKD_ALLOW_LIVE_TEACHER"
+
+
+def check_teacher_is_final(checkpoint: str) -> None:
+    """Refuse a ``teacher.checkpoint`` of a run that is still training (its ``best.pt`` /
+    ``last.pt`` will still change): a ValueError naming the owner, or — with
+    ``NKD_ALLOW_LIVE_TEACHER=1`` — a line in the log."""
+    from .rundir import live_run_owning
+
+    owner = live_run_owning(checkpoint)
+    if owner is None:
+        return
+    msg = (f"teacher.checkpoint {checkpoint} belongs to a run that is still training ({owner}): the teacher "
+           "would be a snapshot that run replaces later")
+    if os.environ.get(ALLOW_LIVE_TEACHER) == "1":
+        log.warning("%s; using it anyway (%s=1)", msg, ALLOW_LIVE_TEACHER)
+        return
+    raise ValueError(f"{msg}. Wait for it to finish, copy the file, or set {ALLOW_LIVE_TEACHER}=1 to use it as it is now")
 
 
 def train_together(cfgs: Sequence[Config], resume: bool = False, overwrite: bool = False,
