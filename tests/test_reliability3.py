@@ -336,3 +336,22 @@ def test_a_teacher_checkpoint_of_a_run_still_training_is_refused_naming_it(tmp_p
     assert "still training" in (tmp_path / "s" / "train.log").read_text()
     procs.kill_started()
     assert cli_main(["train", cfg, "--overwrite"]) == 0  # the teacher's run is gone: its lock is stale
+
+
+# ----------------------------------------------------------------------------- 21, 22. the report says what it holds
+def test_report_records_the_machine_and_lists_unfinished_runs(tmp_path, capsys):
+    done = config(tmp_path, "done", epochs=1, method={"name": "ce"}, teacher=None)
+    assert cli_main(["train", done]) == 0
+    cut = config(tmp_path, "cut", epochs=2, method={"name": "ce"}, teacher=None)
+    assert cli_main(["train", cut]) == 0
+    (tmp_path / "cut" / "summary.json").unlink()  # as after a stop before the last epoch
+    capsys.readouterr()
+    assert cli_main(["report", str(tmp_path), "--out", str(tmp_path / "rep")]) == 0
+    err = capsys.readouterr().err
+    assert f"skipped {tmp_path / 'cut'}: stopped before its last epoch" in err
+    md = (tmp_path / "rep" / "report.md").read_text()
+    from nkd.engine.step import cpu_model
+
+    assert f"Machines: {cpu_model()}, " in md and "repeat bitwise" in md
+    assert f"`{tmp_path / 'cut'}`: stopped before its last epoch" in md
+    assert json.loads((tmp_path / "done" / "summary.json").read_text())["machine"]["cpu"] == cpu_model()

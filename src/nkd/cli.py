@@ -279,7 +279,8 @@ def _sweep_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-changes", action="store_true", help="with --resume: as for nkd train")
     p.add_argument("--seeds", type=_seed_list, default=[0, 1, 2], help="e.g. 0,1,2")
     p.add_argument("--workers", type=int, default=None, help="parallel runs (default: one per core)")
-    p.add_argument("--report-dir", help="where report.md goes (default: the config's output_dir)")
+    p.add_argument("--report-dir", help="where report.md goes (default: the configs' output_dir; with several "
+                                        "configs, the folder that holds all their output_dirs)")
     start = p.add_mutually_exclusive_group()
     start.add_argument("--resume", action="store_true", help="continue each run (finished ones are not retrained)")
     start.add_argument("--overwrite", action="store_true", help="delete the seeds' existing checkpoints and start again")
@@ -292,6 +293,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         return _bad_input(f"--out: {out} is a file, not a folder (the report writes report.md and more into it)")
+    from .report import skipped_runs
+
+    for run, why in skipped_runs(args.run_dirs):
+        print(f"nkd report: skipped {run}: {why}", file=sys.stderr)
     try:
         print(write_report(args.run_dirs, args.out, title=args.title, baseline=args.baseline))
     except ReportError as e:

@@ -148,6 +148,38 @@ class Table:
         return data_heading(self.data)
 
 
+def _machine_text(m: Any) -> str:
+    if not isinstance(m, dict):
+        return "not recorded (runs of an older nkd)"
+    gpu = f", GPU {m['cuda']}" if m.get("cuda") else ""
+    return f"{m.get('cpu', '?')}, {m.get('threads', '?')} threads, torch {m.get('torch', '?')}{gpu}"
+
+
+def skipped_runs(paths: list[str | Path]) -> list[tuple[Path, str]]:
+    """Run directories under ``paths`` that the report leaves out (no ``summary.json`` yet), each
+    with why: still training (its lock held) or stopped before the end."""
+    import json as _json
+
+    out = []
+    for p in map(Path, paths):
+        if not p.exists():
+            continue
+        for cfg in sorted(p.rglob("config.yaml")):
+            run = cfg.parent
+            if (run / "summary.json").is_file() or not (run / "train.log").is_file():
+                continue
+            why = "stopped before its last epoch (no summary.json): continue it with --resume"
+            lock = run / ".nkd.lock"
+            if lock.is_file():
+                try:
+                    owner = _json.loads(lock.read_text())
+                    why = f"still training (locked by pid {owner.get('pid')} on host {owner.get('host')})"
+                except (OSError, ValueError):
+                    why = "still training (locked)"
+            out.append((run, why))
+    return out
+
+
 def find_runs(paths: list[str | Path]) -> list[Path]:
     runs: dict[Path, Path] = {}
     for p in map(Path, paths):
@@ -474,6 +506,12 @@ def write_report(paths: list[str | Path], out: str | Path, title: str = "nkd rep
         "seeds both ran, mean ± std (n = shared seeds). hyper-parameters = the method's resolved parameters.", ""]
     md += [f"- Note: {n}" for n in notes(tables)] + ([""] if notes(tables) else [])
     md += [f"![{p.stem}]({p.name})" for p in figs] + ([] if figs else ["(figures skipped: matplotlib not installed)"])
+    machines = sorted({_machine_text(r.get("machine")) for t in tables for g in t.groups for r in g.runs})
+    md += ["", "Machines: " + "; ".join(machines) + ". On one machine with the same thread count the numbers "
+           "repeat bitwise; on another CPU model they differ within seed noise.", ""]
+    skipped = skipped_runs(paths)
+    if skipped:
+        md += ["Skipped (not finished):", ""] + [f"- `{d}`: {why}" for d, why in skipped] + [""]
     md += ["", "Runs:", ""]
     for t in tables:
         md += [f"- `{r['dir']}` ({g.name}, seed {r['seed']}; {t.heading})" for g in t.groups for r in g.runs]

@@ -32,6 +32,25 @@ from .state import FORMAT, Progress, describe_position, save_checkpoint
 from .sync_bn import convert_sync_batchnorm
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere)."""
+    import platform
+
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8", errors="replace"):
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def machine() -> dict[str, Any]:
+    """What a CPU run's bitwise results depend on: CPU model, thread count, torch version."""
+    return {"cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
 def param_groups(model: nn.Module, weight_decay: float, exclude_norm_bias: bool) -> list[dict[str, Any]]:
     """All trainable parameters; with ``exclude_norm_bias`` biases and 1-D (norm) weights get wd 0."""
     decay, no_decay = [], []
@@ -298,4 +317,5 @@ class Student:
             "data": {"name": d.name, "root": d.root, "train_subset": d.train_subset, "image_size": d.image_size,
                      "num_classes": cfg.model.num_classes},
             "config_changes": st.changes,
+            "machine": machine(),
         }
