@@ -355,3 +355,29 @@ def test_report_records_the_machine_and_lists_unfinished_runs(tmp_path, capsys):
     assert f"Machines: {cpu_model()}, " in md and "repeat bitwise" in md
     assert f"`{tmp_path / 'cut'}`: stopped before its last epoch" in md
     assert json.loads((tmp_path / "done" / "summary.json").read_text())["machine"]["cpu"] == cpu_model()
+
+
+# ----------------------------------------------------------------------------- 24. export formats
+def test_export_bytes_are_a_function_of_the_weights_and_an_mdistiller_file_loads_there(tmp_path, capsys):
+    import hashlib
+
+    from nkd.models import create_model
+
+    cfg = config(tmp_path, "run", epochs=1, method={"name": "ce"}, teacher=None)
+    assert cli_main(["train", cfg]) == 0
+    digests = set()
+    for i in range(4):  # safetensors wrote its metadata map in hash order: equal weights, other bytes
+        out = tmp_path / f"s{i}.safetensors"
+        assert procs.nkd("export", str(tmp_path / "run"), "--out", str(out)).returncode == 0
+        digests.add(hashlib.sha256(out.read_bytes()).hexdigest())
+    assert len(digests) == 1
+    from safetensors import safe_open
+
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["model"] == "resnet8"
+    pth = tmp_path / "student_model.pth"
+    assert cli_main(["export", str(tmp_path / "run"), "--format", "mdistiller", "--out", str(pth)]) == 0
+    model = create_model("resnet8", 10)
+    model.load_state_dict(torch.load(pth, map_location="cpu", weights_only=True)["model"])  # as mdistiller does
+    capsys.readouterr()
+    assert cli_main(["eval", cfg, "--checkpoint", str(pth)]) == 0

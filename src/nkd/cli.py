@@ -129,7 +129,6 @@ def _eval_parser(p: argparse.ArgumentParser) -> None:
 @command("export", "export the student of a run as safetensors")
 def cmd_export(args: argparse.Namespace) -> int:
     import torch
-    from safetensors.torch import save_file
 
     from .engine.checkpoint import load_checkpoint
     from .models import create_model
@@ -154,7 +153,8 @@ def cmd_export(args: argparse.Namespace) -> int:
             raise ValueError(f"{src} does not fit {ck['model_name']}: {problem}")
     except (ValueError, KeyError, TypeError) as e:
         return _bad_input(f"{src}: not an nkd training checkpoint ({e})" if not isinstance(e, ValueError) else str(e))
-    out = Path(args.out) if args.out else run / "student.safetensors"
+    default = "student.safetensors" if args.format == "safetensors" else "student_model.pth"
+    out = Path(args.out) if args.out else run / default
     if not out.parent.is_dir():
         return _bad_input(f"--out: folder not found: {out.parent}")
     if out.is_dir():
@@ -162,14 +162,39 @@ def cmd_export(args: argparse.Namespace) -> int:
     from safetensors import SafetensorError
 
     try:
-        save_file(sd, str(out), metadata=meta)
-    except (SafetensorError, OSError) as e:
+        if args.format == "mdistiller":  # mdistiller / RepDistiller: torch.load(f)["model"] is the state_dict
+            torch.save({"model": sd, "nkd": meta}, out)
+        else:
+            write_safetensors(sd, out, meta)
+    except (SafetensorError, OSError, RuntimeError) as e:
         return _bad_input(f"--out: cannot write {out}: {e}")
     mask = os.umask(0)
     os.umask(mask)
     out.chmod(0o666 & ~mask)  # like every other file nkd writes (safetensors creates it 0600)
     print(f"wrote {out} ({len(sd)} tensors, {meta})")
     return 0
+
+
+def write_safetensors(sd: dict, out: Path, metadata: dict[str, str]) -> None:
+    """A safetensors file that is a function of the weights and the metadata only: the header's
+    JSON is written with sorted keys (safetensors writes its metadata map in hash order, so equal
+    weights gave different bytes). Written atomically."""
+    import struct
+
+    from safetensors.torch import save
+
+    blob = save(sd, metadata=metadata)
+    n = struct.unpack("<Q", blob[:8])[0]
+    header = json.loads(blob[8:8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data stays 8-byte aligned, as safetensors writes it
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(text)) + text + blob[8 + n:])
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _model_kwargs(ck: dict) -> dict:
@@ -187,7 +212,11 @@ def _model_kwargs(ck: dict) -> dict:
 def _export_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir")
     p.add_argument("--last", action="store_true", help="export the last epoch instead of the best")
-    p.add_argument("--out", help="output file (default RUN_DIR/student.safetensors)")
+    p.add_argument("--out", help="output file (default RUN_DIR/student.safetensors, or RUN_DIR/student_model.pth "
+                                 "with --format mdistiller)")
+    p.add_argument("--format", choices=("safetensors", "mdistiller"), default="safetensors",
+                   help="safetensors (default), or mdistiller: a torch file {'model': state_dict} as mdistiller and "
+                        "RepDistiller load it (the zoo's keys are already theirs)")
 
 
 @command("demo", "train a teacher and KD/self-KD students on built-in real data (about a minute on 2 cores)")
