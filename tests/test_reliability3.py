@@ -381,3 +381,23 @@ def test_export_bytes_are_a_function_of_the_weights_and_an_mdistiller_file_loads
     model.load_state_dict(torch.load(pth, map_location="cpu", weights_only=True)["model"])  # as mdistiller does
     capsys.readouterr()
     assert cli_main(["eval", cfg, "--checkpoint", str(pth)]) == 0
+
+
+# ----------------------------------------------------------------------------- 23, 25. threads and workers
+def test_sweep_says_when_it_caps_workers_at_the_cores(tmp_path, capsys):
+    cfg = config(tmp_path, "run", epochs=1, method={"name": "ce"}, teacher=None)
+    cores = os.cpu_count()
+    assert cli_main(["sweep", cfg, "--seeds", "0", "--workers", str(cores + 1)]) == 0
+    assert f"--workers {cores + 1} capped at {cores}" in capsys.readouterr().err
+
+
+def test_a_single_run_on_a_busy_machine_says_to_use_fewer_threads(monkeypatch):
+    from nkd.engine.trainer import busy_machine_note
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    note = busy_machine_note(None, 8, load=12.0, cores=8)
+    assert note and "load 12.0 on 8 cores" in note and "train.threads" in note
+    assert busy_machine_note(None, 8, load=3.0, cores=8) is None  # not busy
+    assert busy_machine_note(2, 2, load=12.0, cores=8) is None  # threads chosen
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert busy_machine_note(None, 8, load=12.0, cores=8) is None

@@ -138,6 +138,11 @@ def run_groups(groups: list[list[Job]], workers: int | None = None, desc: str | 
     from tqdm import tqdm
 
     cores = os.cpu_count() or 1
+    if workers and workers > cores:
+        import sys
+
+        print(f"nkd sweep: --workers {workers} capped at {cores} (this machine's cores: more parallel runs would "
+              "only share them)", file=sys.stderr)
     workers = max(1, min(workers or cores, len(groups), cores))
     threads = max(1, cores // workers)
     if os.environ.get("OMP_NUM_THREADS", "").isdigit():

@@ -436,6 +436,10 @@ class Trainer:
 
     def _log_start(self) -> None:
         c = self.cfg
+        note = busy_machine_note(c.train.threads, torch.get_num_threads())
+        if note:
+            for s in self.students:
+                s.log.info("%s", note)
         for s in self.students:
             s.log.info("run %s | method %s | student %s%s | %d epochs x %d steps | device %s x %d | %d CPU threads "
                        "(train.threads or OMP_NUM_THREADS to change)%s", s.run.path, s.cfg.method.name,
@@ -500,6 +504,25 @@ class Trainer:
         s.log.info("done: best top1 %.2f (epoch %s), last top1 %.2f", summary["best_top1"] or 0,
                    summary["best_epoch"], summary["last_top1"] or 0)
         return summary
+
+
+def busy_machine_note(configured: int | None, threads: int, load: float | None = None,
+                      cores: int | None = None) -> str | None:
+    """A line for the log when this run takes the default thread count (every core) on a machine
+    already busier than its cores (1-minute load average): several runs with all threads each run
+    far slower than with one thread each (what ``nkd sweep`` picks). None otherwise."""
+    if configured or os.environ.get("OMP_NUM_THREADS"):
+        return None
+    cores = cores or os.cpu_count() or 1
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except OSError:
+            return None
+    if load <= cores or threads <= 1:
+        return None
+    return (f"the machine is busy (load {load:.1f} on {cores} cores) and this run uses {threads} CPU threads: runs "
+            "sharing cores train much faster with fewer threads each — set train.threads (e.g. 1) or OMP_NUM_THREADS")
 
 
 ALLOW_LIVE_TEACHER = "NKD_ALLOW_LIVE_TEACHER"
