@@ -401,3 +401,12 @@ def test_a_single_run_on_a_busy_machine_says_to_use_fewer_threads(monkeypatch):
     assert busy_machine_note(2, 2, load=12.0, cores=8) is None  # threads chosen
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert busy_machine_note(None, 8, load=12.0, cores=8) is None
+
+
+def test_a_teacherless_run_in_a_shared_sweep_is_noted_in_one_short_line(tmp_path, capsys):
+    ce = config(tmp_path, "ce", epochs=1, method={"name": "ce"}, teacher=None)
+    kd = config(tmp_path, "kd", epochs=1)
+    assert cli_main(["sweep", ce, kd, "--seeds", "0", "--workers", "1", "--share-teacher"]) == 0
+    lines = [x for x in capsys.readouterr().out.splitlines() if "trains on its own" in x]
+    assert f"nkd sweep: {tmp_path / 'ce' / 'seed0'} trains on its own: its method uses no teacher" in lines
+    assert len(lines) == 2 and all("teacher.checkpoint" not in x for x in lines)

@@ -147,7 +147,7 @@ def run_groups(groups: list[list[Job]], workers: int | None = None, desc: str | 
     threads = max(1, cores // workers)
     if os.environ.get("OMP_NUM_THREADS", "").isdigit():
         threads = max(1, min(threads, int(os.environ["OMP_NUM_THREADS"])))
-    bar = tqdm(total=len(groups), desc=desc, unit="run", disable=desc is None, dynamic_ncols=True)
+    bar = tqdm(total=sum(len(g) for g in groups), desc=desc, unit="run", disable=desc is None, dynamic_ncols=True)
     args = (resume, overwrite, allow_changes)
     results: dict[int, list[dict]] = {}
     stopped: list[tuple[list[str], str]] = []
@@ -187,7 +187,7 @@ def _run_here(groups, threads, args, bar, results, stopped, kinds, got) -> None:
         except (ValueError, OSError) as e:
             stopped.append((_group_dirs(g), first_line(e)))
             kinds.append("bad input")
-        bar.update(1)
+        bar.update(len(g))
 
 
 def _run_in_workers(groups, workers, threads, args, bar, results, stopped, kinds, got) -> None:
@@ -235,7 +235,7 @@ def _run_in_workers(groups, workers, threads, args, bar, results, stopped, kinds
                 else:
                     stopped.append((_group_dirs(groups[i]), value or _exit_reason(p.exitcode)))
                     kinds.append(kind or "failed")
-                bar.update(1)
+                bar.update(len(groups[i]))
     finally:
         for s, h in old.items():
             signal.signal(s, h)
@@ -257,7 +257,7 @@ def plan(configs: list[str], seeds: list[int], overrides: list[str], share_teach
 
     Raises ``ValueError`` (before anything runs) when two runs would write the same directory."""
     from .config import load_config
-    from .engine.trainer import differences
+    from .engine.trainer import differences, shared_settings
 
     entries = []  # (job, cfg)
     for config in configs:
@@ -291,6 +291,13 @@ def plan(configs: list[str], seeds: list[int], overrides: list[str], share_teach
             peers = [h[0][1] for h in groups if h is not g and h[0][1].seed == cfg.seed]
             if peers:
                 why = min((differences(p, cfg) for p in peers), key=len)
+                no_teacher = shared_settings(cfg)["teacher"] is None
+                if all(k == "teacher" or k.startswith("teacher.") for k in why) and (
+                        no_teacher or all(shared_settings(p)["teacher"] is None for p in peers)):  # say it short
+                    alone = ("its method uses no teacher" if no_teacher
+                             else f"the other runs of seed {cfg.seed} use no teacher")
+                    notes.append(f"{cfg.output_dir} trains on its own: {alone}")
+                    continue
                 notes.append(f"{cfg.output_dir} trains on its own: it differs from the other runs of seed {cfg.seed} "
                              f"in " + "; ".join(f"{k} ({a!r} vs {b!r})" for k, (a, b) in why.items()))
     return [[job for job, _ in g] for g in groups], dirs, notes
