@@ -410,3 +410,12 @@ def test_a_teacherless_run_in_a_shared_sweep_is_noted_in_one_short_line(tmp_path
     lines = [x for x in capsys.readouterr().out.splitlines() if "trains on its own" in x]
     assert f"nkd sweep: {tmp_path / 'ce' / 'seed0'} trains on its own: its method uses no teacher" in lines
     assert len(lines) == 2 and all("teacher.checkpoint" not in x for x in lines)
+
+
+def test_the_epoch_line_labels_its_lr_as_the_epochs_first(tmp_path):
+    cfg = config(tmp_path, "run", epochs=2, method={"name": "ce"}, teacher=None,
+                 schedule={"name": "cosine", "epochs": 2}, train={"log_every": 1000})
+    assert cli_main(["train", cfg]) == 0
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "epoch 1 | loss" in log and "| lr 0.05 at its start |" in log
+    assert "epoch 1/2 step 4/4" in log  # log_every longer than an epoch: its last step is still reported

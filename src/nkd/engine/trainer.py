@@ -494,7 +494,7 @@ class Trainer:
             s.run.record_epoch(row)
             acc = (f" | top1 {row['top1']:.2f} top5 {row['top5']:.2f} (best {row['best_top1']:.2f})"
                    if "top1" in row else "")
-            s.log.info("epoch %d | loss %.4f | lr %.4g | %.0f img/s%s", row["epoch"], row["loss"], row["lr"],
+            s.log.info("epoch %d | loss %.4f | lr %.4g at its start | %.0f img/s%s", row["epoch"], row["loss"], row["lr"],
                        row["img_per_s"], acc)
         barrier(self.dist)
 
