@@ -419,3 +419,13 @@ def test_the_epoch_line_labels_its_lr_as_the_epochs_first(tmp_path):
     log = (tmp_path / "run" / "train.log").read_text()
     assert "epoch 1 | loss" in log and "| lr 0.05 at its start |" in log
     assert "epoch 1/2 step 4/4" in log  # log_every longer than an epoch: its last step is still reported
+
+
+@pytest.mark.slow
+def test_two_demo_runs_on_one_machine_give_the_same_table(tmp_path):
+    """What the README promises on one machine (another CPU model: within noise)."""
+    from nkd.demo import run_demo
+
+    tables = [run_demo(tmp_path / f"d{i}", seeds=(0,), epochs=2, workers=2) for i in range(2)]
+    assert tables[0] == tables[1]
+    assert "Machines: " in (tmp_path / "d0" / "report.md").read_text()

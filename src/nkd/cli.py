@@ -222,9 +222,14 @@ def _export_parser(p: argparse.ArgumentParser) -> None:
 @command("demo", "train a teacher and KD/self-KD students on built-in real data (about a minute on 2 cores)")
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
+    from .sweep import SweepIncomplete
 
     seeds = tuple(range(args.seeds))
-    table = run_demo(args.out, seeds=seeds, epochs=args.epochs, workers=args.workers)
+    try:
+        table = run_demo(args.out, seeds=seeds, epochs=args.epochs, workers=args.workers)
+    except SweepIncomplete as e:
+        print(f"nkd demo: {e}", file=sys.stderr)
+        return e.code
     print(table)
     print(f"report: {Path(args.out) / 'report.md'} (figures accuracy.png, curves.png)")
     return 0
