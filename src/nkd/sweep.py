@@ -88,6 +88,7 @@ def _die_with_parent(parent: int) -> None:
 def _worker(conn, jobs: list[Job], threads: int, args: tuple, parent: int) -> None:
     """One group in its own process; sends ``("done", summaries)`` or ``(kind, why)`` back."""
     import signal
+    import sys
 
     _die_with_parent(parent)
     from .engine import StopRequested
@@ -106,6 +107,8 @@ def _worker(conn, jobs: list[Job], threads: int, args: tuple, parent: int) -> No
         conn.send(msg)
     finally:
         conn.close()
+        sys.stdout.flush()
+        sys.stderr.flush()
     os._exit(code)  # skip interpreter teardown: nothing left to flush but the pipe
 
 
