@@ -6,6 +6,11 @@ on what decides the batches and the teacher output (see
 :func:`nkd.engine.trainer.shared_settings`) train in one process, in lockstep: one data
 pipeline and one teacher forward per batch for all of them; runs that cannot share are listed
 with the keys that differ and train on their own.
+
+The sweep owns its worker processes: they die with it (``kill -9`` included: each saves
+``last.pt`` after its step, as a single run does on SIGTERM), a SIGTERM to the sweep is passed
+on to them, and a worker that dies stops only its own runs — the sweep names every run that did
+not finish (:class:`SweepIncomplete`) and ``--resume`` continues them.
 """
 
 from __future__ import annotations
