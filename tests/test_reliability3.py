@@ -429,3 +429,20 @@ def test_two_demo_runs_on_one_machine_give_the_same_table(tmp_path):
     tables = [run_demo(tmp_path / f"d{i}", seeds=(0,), epochs=2, workers=2) for i in range(2)]
     assert tables[0] == tables[1]
     assert "Machines: " in (tmp_path / "d0" / "report.md").read_text()
+
+
+def test_eval_of_an_exported_file_needs_no_config(tmp_path, capsys):
+    cfg = config(tmp_path, "run", epochs=1, method={"name": "ce"}, teacher=None)
+    assert cli_main(["train", cfg]) == 0
+    out = tmp_path / "x.safetensors"
+    assert cli_main(["export", str(tmp_path / "run"), "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert cli_main(["eval", cfg, "--checkpoint", str(out)]) == 0
+    with_config = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert cli_main(["eval", "--checkpoint", str(out)]) == 0
+    without = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert without == with_config
+    assert cli_main(["eval", "--checkpoint", str(out), "data.eval_batch_size=7"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["top1"] == with_config["top1"]
+    assert cli_main(["eval", "--checkpoint", str(tmp_path / "run" / "checkpoints" / "best.pt")]) == 2
+    assert "name the run's config" in capsys.readouterr().err

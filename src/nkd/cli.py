@@ -89,10 +89,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .engine.trainer import evaluate_model
     from .models import create_model, load_weights
 
-    cfg = load_config(args.config, args.overrides, check_files=False)
     path = Path(args.checkpoint)
+    if args.config is not None and "=" in args.config and not Path(args.config).is_file():
+        args.overrides, args.config = [args.config, *args.overrides], None  # overrides only
     if not path.is_file():
         return _bad_input(f"--checkpoint: file not found: {path}")
+    if args.config is None:
+        stored = _stored_config(path)
+        if stored is None:
+            return _bad_input(f"eval: name the run's config: {path} records none (only files of nkd export do)")
+        cfg = _config_from_text(stored, args.overrides)
+    else:
+        cfg = load_config(args.config, args.overrides, check_files=False)
     device = torch.device("cuda" if cfg.train.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     model = create_model(cfg.model.name, cfg.model.num_classes, **cfg.model.kwargs)
     try:
@@ -103,6 +111,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = evaluate_model(model, build_eval_loader(cfg, device), device)
     print(json.dumps({"checkpoint": str(path), **result}))
     return 0
+
+
+def _stored_config(path: Path) -> str | None:
+    """The run config an exported ``.safetensors`` file records in its metadata (or None)."""
+    if path.suffix != ".safetensors":
+        return None
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return (f.metadata() or {}).get("config")
+    except (SafetensorError, OSError):
+        return None
+
+
+def _config_from_text(text: str, overrides: list[str]):
+    import tempfile
+
+    from .config import load_config
+
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "config.yaml"
+        p.write_text(text, encoding="utf-8")
+        return load_config(p, overrides, check_files=False)
 
 
 def _read_weights(path: Path):
@@ -121,7 +153,7 @@ def _read_weights(path: Path):
 
 
 def _eval_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config")
+    p.add_argument("config", nargs="?", help="the run's config (optional for a file of nkd export, which records it)")
     p.add_argument("overrides", nargs="*")
     p.add_argument("--checkpoint", required=True, help="nkd checkpoint (.pt), exported .safetensors, or a state_dict")
 
@@ -143,6 +175,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         sd = {k: v.contiguous() for k, v in extract_state_dict(ck, str(src)).items()}
         meta = {"model": str(ck["model_name"]), "num_classes": str(ck["num_classes"]), "method": str(ck["method"]),
                 "epoch": str(int(ck["epoch"]) + 1)}
+        if ck.get("config"):
+            meta["config"] = str(ck["config"])  # nkd eval FILE.safetensors needs no config file
         kwargs = _model_kwargs(ck)
         if kwargs:
             meta["model_kwargs"] = json.dumps(kwargs, sort_keys=True)
