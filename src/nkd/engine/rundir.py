@@ -258,8 +258,15 @@ class RunDir:
         Call after :meth:`close`."""
         if not self.is_main:
             return
-        if self._made is not None:
-            shutil.rmtree(self._made, ignore_errors=True)
+        if self._made is not None:  # the run's own folder; the parents it made only while empty (a
+            shutil.rmtree(self.path, ignore_errors=True)  # parallel run may have put its folder there since)
+            for parent in self.path.parents:
+                if not str(parent).startswith(str(self._made)):
+                    break
+                try:
+                    parent.rmdir()
+                except OSError:
+                    break
         else:
             for path in self._new_files:
                 path.unlink(missing_ok=True)
