@@ -39,9 +39,9 @@ def _training(run: Path) -> int | None:
     return None
 
 
-def _sweep(cfg: str, *args: str):
-    return spawn([sys.executable, "-m", "nkd", "sweep", cfg, "--workers", "2", *args], env=nkd_env(OMP_NUM_THREADS="1"),
-                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _sweep(cfg: str, *args: str, **env: str):
+    return spawn([sys.executable, "-m", "nkd", "sweep", cfg, "--workers", "2", *args],
+                 env=nkd_env(OMP_NUM_THREADS="1", **env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _stopped_cleanly(run: Path) -> None:
@@ -65,9 +65,10 @@ def test_kill_9_of_a_sweep_stops_its_workers_and_resume_takes_over(tmp_path):
 
 
 def test_sigterm_of_a_sweep_stops_its_workers_starts_nothing_queued_and_resume_finishes(tmp_path):
-    cfg = _config(tmp_path, epochs=30)
+    cfg = _config(tmp_path, epochs=60)
     runs = [tmp_path / "sw" / f"seed{s}" for s in (0, 1, 2)]
-    with _sweep(cfg, "--seeds", "0,1,2") as sweep:
+    # each save sleeps 1 s: a run lasts over a minute, so both still train however slowly the other starts
+    with _sweep(cfg, "--seeds", "0,1,2", NKD_FAULT_SLOW_SAVE="1") as sweep:
         [wait_until(lambda r=r: _training(r), f"{r} to train") for r in runs[:2]]
         sweep.send_signal(signal.SIGTERM)
         out, err = sweep.communicate()
