@@ -8,7 +8,6 @@ does not match a 1-process run. The teacher is a CNN in eval mode (per-sample), 
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import procs
 from helpers import write_config
 from nkd.config import load_config
 from nkd.engine import Trainer
@@ -43,7 +43,7 @@ def torchrun(cfg: str, nproc: int, *overrides: str) -> None:
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1] / "src") + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "nkd",
            "train", cfg, *overrides]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    res = procs.run(cmd, env=env, capture_output=True)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
 

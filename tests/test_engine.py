@@ -7,12 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+import procs
 from helpers import make_cifar, write_config
 from nkd.cli import main as cli_main
 from nkd.config import load_config
@@ -146,12 +146,9 @@ def test_kill_9_after_an_epoch_then_resume_matches_uninterrupted_run(tmp_path):
     Trainer(load_config(ref)).fit()
     cfg = write_config(tmp_path / "kill.yaml", output_dir=str(tmp_path / "kill"), **extra)
     metrics = tmp_path / "kill" / "metrics.jsonl"
-    proc = subprocess.Popen(_nkd_cmd("train", cfg), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.01)
+    proc = procs.start(_nkd_cmd("train", cfg), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    procs.wait_until(lambda: proc.poll() is not None or (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2),
+                     "two epochs", every=0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import procs
 from helpers import write_config
 from nkd.cli import main as cli_main
 from nkd.config import load_config
@@ -38,8 +39,7 @@ def env(**extra) -> dict:
 
 
 def nkd(*args, extra_env=None, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nkd", *args], env=env(**(extra_env or {})), capture_output=True,
-                          text=True, timeout=300, **kw)
+    return procs.run([sys.executable, "-m", "nkd", *args], env=env(**(extra_env or {})), capture_output=True, **kw)
 
 
 def sha(path: Path) -> str:
@@ -71,13 +71,10 @@ def reference(tmp_path):
 def test_kill_9_during_a_checkpoint_write(tmp_path, reference):
     cfg = config(tmp_path, "run")
     ck = tmp_path / "run" / "checkpoints"
-    proc = subprocess.Popen([sys.executable, "-m", "nkd", "train", cfg], env=env(NKD_FAULT_SLOW_SAVE="3"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline:  # wait for the 2nd checkpoint write to be in flight
-        if (ck / "last.pt").is_file() and list(ck.glob("last.pt.tmp-*")):
-            break
-        time.sleep(0.02)
+    proc = procs.start([sys.executable, "-m", "nkd", "train", cfg], env=env(NKD_FAULT_SLOW_SAVE="3"),
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    procs.wait_until(lambda: ((ck / "last.pt").is_file() and list(ck.glob("last.pt.tmp-*"))) or proc.poll() is not None,
+                     "the 2nd checkpoint write to be in flight", every=0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
@@ -92,8 +89,8 @@ def test_kill_9_during_a_checkpoint_write(tmp_path, reference):
 def test_kill_9_at_random_points_then_resume(tmp_path, reference, trial):
     cfg = config(tmp_path, "run")
     delay = random.Random(trial).uniform(2.0, 6.0)  # import + setup take ~2 s: lands mid-run
-    proc = subprocess.Popen([sys.executable, "-m", "nkd", "train", cfg], env=env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = procs.start([sys.executable, "-m", "nkd", "train", cfg], env=env(), stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
     time.sleep(delay)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -340,8 +337,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path):
 def torchrun(cfg: str, *args: str, extra_env: dict | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args, "-m", "nkd", "train",
            cfg, "--resume"]
-    return subprocess.run(cmd, env=env(OMP_NUM_THREADS="1", **(extra_env or {})), capture_output=True, text=True,
-                          timeout=180)  # a run takes ~10 s; a stale-store restart can hang on gloo's connect
+    return procs.run(cmd, env=env(OMP_NUM_THREADS="1", **(extra_env or {})), capture_output=True)
 
 
 @pytest.mark.slow

@@ -4,13 +4,14 @@ label shift, equality with the materialized losses, a Trainer step, and the docs
 from __future__ import annotations
 
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+
+import procs
 
 transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
@@ -119,7 +120,7 @@ def test_refuses_models_whose_logits_are_not_the_head_and_bad_arguments():
 
 def test_nkd_imports_without_transformers():
     code = "import sys; sys.modules['transformers'] = None; import nkd, nkd.losses, nkd.integrations.hf; print('ok')"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = procs.run([sys.executable, "-c", code], capture_output=True)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+import procs
 
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
@@ -23,7 +24,7 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     out, cache = tmp_path / "out", tmp_path / "cache"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "lm_distill.py"), "--quick", "--seeds", "0,1,2",
            "--out", str(out), "--cache", str(cache)]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    res = procs.run(cmd, capture_output=True)
     assert res.returncode == 0, res.stderr[-3000:]
     report = (out / "report.md").read_text()
     for row in ("| teacher (CE) | 1 |", "| ce student | 3 |", "| kd student | 3 |", "| nkd student | 3 |"):

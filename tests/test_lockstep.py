@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import procs
 from helpers import write_config
 from nkd.cli import main as cli_main
 from nkd.config import load_config
@@ -79,7 +80,7 @@ def _nkd(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     e = dict(os.environ)
     e["PYTHONPATH"] = str(Path(__file__).resolve().parents[1] / "src") + os.pathsep + e.get("PYTHONPATH", "")
     e.update(env or {})
-    return subprocess.run([sys.executable, "-m", "nkd", *args], env=e, capture_output=True, text=True, timeout=300)
+    return procs.run([sys.executable, "-m", "nkd", *args], env=e, capture_output=True)
 
 
 @pytest.mark.slow

@@ -11,12 +11,12 @@ import socket
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+import procs
 from helpers import write_config
 from nkd.cli import main as cli_main
 from nkd.config import load_config
@@ -186,26 +186,24 @@ def test_export_writes_an_ordinary_file_mode(tmp_path, capsys):
 def test_two_runs_in_one_directory_are_refused_and_the_first_is_untouched(tmp_path, capsys):
     cfg = quick(tmp_path, output_dir=str(tmp_path / "run"), schedule={"name": "constant", "epochs": 3},
                 train={"max_steps_per_epoch": 2})
-    first = subprocess.Popen([sys.executable, "-m", "nkd", "train", cfg], env={**env(), "NKD_FAULT_SLOW_SAVE": "3"},
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    first = procs.start([sys.executable, "-m", "nkd", "train", cfg], env={**env(), "NKD_FAULT_SLOW_SAVE": "3"},
+                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     lock = tmp_path / "run" / LOCK_NAME
-    deadline = time.time() + 60
-    while not lock.exists() and time.time() < deadline:
-        time.sleep(0.05)
+    procs.wait_until(lambda: lock.exists() or first.poll() is not None, "the first run to take its lock")
     assert lock.exists()
     assert cli_main(["train", cfg]) == 2
     err = capsys.readouterr().err
     assert f"pid {first.pid} on host {socket.gethostname()}" in err and "in use by another nkd run" in err
     assert cli_main(["train", cfg, "--overwrite"]) == 2  # never deletes a live run's files
     assert "in use by another nkd run" in capsys.readouterr().err
-    assert first.wait(timeout=120) == 0, first.stderr.read()
+    assert first.wait() == 0, first.stderr.read()
     assert [json.loads(x)["epoch"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
     assert not lock.exists()  # released at the end
 
 
 def test_a_stale_lock_is_reported_and_taken_over_one_from_another_host_refused(tmp_path, capsys):
     cfg = quick(tmp_path, output_dir=str(tmp_path / "run"))
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = procs.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
     pid = int(dead.stdout)
     (tmp_path / "run").mkdir()
     lock = tmp_path / "run" / LOCK_NAME
@@ -241,8 +239,8 @@ def test_resume_refuses_a_config_that_changes_the_run_unless_allowed(tmp_path, c
 def test_resume_inside_an_epoch_with_another_batch_size_is_refused(tmp_path, capsys):
     cfg = quick(tmp_path, output_dir=str(tmp_path / "run"), schedule={"name": "constant", "epochs": 2},
                 data={"synthetic_samples": 96}, train={"checkpoint_every_steps": 2, "max_steps_per_epoch": None})
-    res = subprocess.run([sys.executable, "-m", "nkd", "train", cfg], env={**env(), "NKD_FAULT_KILL_STEP": "3"},
-                         capture_output=True, text=True, timeout=120)
+    res = procs.run([sys.executable, "-m", "nkd", "train", cfg], env={**env(), "NKD_FAULT_KILL_STEP": "3"},
+                    capture_output=True)
     assert res.returncode == -signal.SIGKILL, res.stderr
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["partial"]["step"] == 2
     assert cli_main(["train", cfg, "--resume", "--allow-changes", "data.batch_size=8"]) == 2
@@ -254,8 +252,7 @@ def test_logs_without_a_terminal_have_plain_lines_and_tensorboard_groups(tmp_pat
     ea = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
     cfg = quick(tmp_path, output_dir=str(tmp_path / "run"), train={"log_every": 1, "max_steps_per_epoch": 3,
                                                                    "tensorboard": True, "threads": 1})
-    res = subprocess.run([sys.executable, "-m", "nkd", "train", cfg], env=env(), capture_output=True, text=True,
-                         timeout=120)
+    res = procs.run([sys.executable, "-m", "nkd", "train", cfg], env=env(), capture_output=True)
     assert res.returncode == 0, res.stderr
     for text in (res.stdout, res.stderr, (tmp_path / "run" / "train.log").read_text()):
         assert "\r" not in text

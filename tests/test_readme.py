@@ -7,12 +7,12 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+import procs
 from nkd.cli import build_parser
 from nkd.config import config_reference, load_config
 
@@ -31,8 +31,7 @@ def test_readme_has_code_blocks():
 def test_every_python_block_runs(code, tmp_path):
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
-    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=300)
+    res = procs.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True)
     assert res.returncode == 0, f"README block failed:\n{code}\n{res.stderr[-3000:]}"
 
 

@@ -22,7 +22,7 @@ import yaml
 
 from .data.facts import DATASET_NAMES, DATASETS
 from .methods import validate_method
-from .typed import ConfigError, build_dataclass, describe, first_line, load_yaml
+from .typed import ConfigError, DuplicateKeyError, build_dataclass, describe, first_line, load_yaml
 
 __all__ = ["Config", "ConfigError", "DataConfig", "ModelConfig", "MethodConfig", "OptimConfig", "ScheduleConfig",
            "TrainConfig", "load_config", "dump_config", "config_reference", "RUN_KEYS_SAFE_TO_CHANGE"]
@@ -237,6 +237,20 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+#: seeds are used modulo 2**32 in places (NumPy): larger ones would repeat smaller ones' runs
+SEED_MAX = 2**32 - 1
+
+
+def check_seeds(cfg: Config, problems: list[str]) -> None:
+    """Every seed within ``[0, SEED_MAX]``: NumPy takes seeds modulo 2**32 and torch at most 64
+    bits, so ``seed=4294967296`` would silently train ``seed=0``'s run again."""
+    for path, value in (("seed", cfg.seed), ("data.subset_seed", cfg.data.subset_seed),
+                        ("data.synthetic_seed", cfg.data.synthetic_seed)):
+        if isinstance(value, int) and not 0 <= value <= SEED_MAX:
+            problems.append(f"{path}: must lie in [0, {SEED_MAX}] (2**32 − 1: larger seeds would repeat a smaller "
+                            f"one's run), got {value}")
+
+
 def check_ranges(cfg: Config, problems: list[str]) -> None:
     """Value ranges and settings that contradict each other (on the fields that parsed)."""
 
@@ -245,6 +259,7 @@ def check_ranges(cfg: Config, problems: list[str]) -> None:
             problems.append(msg)
 
     o, sch, d, t = cfg.optim, cfg.schedule, cfg.data, cfg.train
+    check_seeds(cfg, problems)
     need(o.lr > 0, f"optim.lr: must be > 0, got {o.lr}")
     need(o.weight_decay >= 0, f"optim.weight_decay: must be >= 0, got {o.weight_decay}")
     need(0 <= o.momentum < 1, f"optim.momentum: must lie in [0, 1), got {o.momentum}")
@@ -341,7 +356,13 @@ def read_yaml_file(path: str | Path) -> dict:
     if not p.is_file():
         raise ConfigError([f"config file not found: {p}"])
     try:
-        data = load_yaml(p.read_text()) or {}
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"{p}: not UTF-8 text (byte {e.start}: {e.reason}); save the config as UTF-8"]) from e
+    try:
+        data = load_yaml(text) or {}
+    except DuplicateKeyError as e:
+        raise ConfigError([f"{p}: {e}"]) from e
     except yaml.YAMLError as e:
         raise ConfigError([f"{p}: not valid YAML: {e}"]) from e
     if not isinstance(data, dict):

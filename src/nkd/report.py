@@ -154,6 +154,38 @@ class Table:
         return data_heading(self.data)
 
 
+def _machine_text(m: Any) -> str:
+    if not isinstance(m, dict):
+        return "not recorded (runs of an older nkd)"
+    gpu = f", GPU {m['cuda']}" if m.get("cuda") else ""
+    return f"{m.get('cpu', '?')}, {m.get('threads', '?')} threads, torch {m.get('torch', '?')}{gpu}"
+
+
+def skipped_runs(paths: list[str | Path]) -> list[tuple[Path, str]]:
+    """Run directories under ``paths`` that the report leaves out (no ``summary.json`` yet), each
+    with why: still training (its lock held) or stopped before the end."""
+    import json as _json
+
+    out = []
+    for p in map(Path, paths):
+        if not p.exists():
+            continue
+        for cfg in sorted(p.rglob("config.yaml")):
+            run = cfg.parent
+            if (run / "summary.json").is_file() or not (run / "train.log").is_file():
+                continue
+            why = "stopped before its last epoch (no summary.json): continue it with --resume"
+            lock = run / ".nkd.lock"
+            if lock.is_file():
+                try:
+                    owner = _json.loads(lock.read_text())
+                    why = f"still training (locked by pid {owner.get('pid')} on host {owner.get('host')})"
+                except (OSError, ValueError):
+                    why = "still training (locked)"
+            out.append((run, why))
+    return out
+
+
 def find_runs(paths: list[str | Path]) -> list[Path]:
     runs: dict[Path, Path] = {}
     for p in map(Path, paths):
@@ -168,9 +200,13 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
 
 def _load(run: Path) -> tuple[dict, list[tuple[int, float]]]:
     try:
-        s = json.loads((run / "summary.json").read_text())
+        s = json.loads((run / "summary.json").read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ReportError(f"{run / 'summary.json'}: not UTF-8 text (byte {e.start}: {e.reason})") from e
     except json.JSONDecodeError as e:
         raise ReportError(f"{run / 'summary.json'}: not valid JSON ({e})") from e
+    if not isinstance(s, dict):
+        raise ReportError(f"{run / 'summary.json'}: expected a JSON object, got {type(s).__name__}")
     missing = [k for k in ("method", "student", "seed") if k not in s]
     if missing:
         raise ReportError(f"{run / 'summary.json'}: missing {', '.join(missing)} (not an nkd run summary?)")
@@ -181,7 +217,11 @@ def _load(run: Path) -> tuple[dict, list[tuple[int, float]]]:
     curve = []
     metrics = run / "metrics.jsonl"
     if metrics.is_file():
-        for i, line in enumerate(metrics.read_text().splitlines()):
+        try:
+            lines = metrics.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise ReportError(f"{metrics}: not UTF-8 text (byte {e.start}: {e.reason})") from e
+        for i, line in enumerate(lines):
             try:
                 row = json.loads(line) if line.strip() else {}
             except json.JSONDecodeError as e:
@@ -472,6 +512,12 @@ def write_report(paths: list[str | Path], out: str | Path, title: str = "nkd rep
         "seeds both ran, mean ± std (n = shared seeds). hyper-parameters = the method's resolved parameters.", ""]
     md += [f"- Note: {n}" for n in notes(tables)] + ([""] if notes(tables) else [])
     md += [f"![{p.stem}]({p.name})" for p in figs] + ([] if figs else ["(figures skipped: matplotlib not installed)"])
+    machines = sorted({_machine_text(r.get("machine")) for t in tables for g in t.groups for r in g.runs})
+    md += ["", "Machines: " + "; ".join(machines) + ". On one machine with the same thread count the numbers "
+           "repeat bitwise; on another CPU model they differ within seed noise.", ""]
+    skipped = skipped_runs(paths)
+    if skipped:
+        md += ["Skipped (not finished):", ""] + [f"- `{d}`: {why}" for d, why in skipped] + [""]
     md += ["", "Runs:", ""]
     for t in tables:
         md += [f"- `{r['dir']}` ({g.name}, seed {r['seed']}; {t.heading})" for g in t.groups for r in g.runs]

@@ -93,6 +93,37 @@ def _construct_float(loader: yaml.SafeLoader, node: yaml.Node) -> float:
 _Loader.add_constructor("tag:yaml.org,2002:float", _construct_float)
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A YAML mapping names one key twice (YAML forbids it; PyYAML keeps the last silently)."""
+
+
+def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` merges are meant to be overridden
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        try:
+            first = seen.get(key)
+        except TypeError:  # an unhashable key: PyYAML reports it itself
+            continue
+        if first is not None:
+            where = f"lines {first} and {line}" if first != line else f"twice on line {line}"
+            raise DuplicateKeyError(f"duplicate key {key!r} ({where}): each key may appear once in a mapping")
+        seen[key] = line
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:map", lambda loader, node: _dict(loader, node))
+
+
+def _dict(loader: yaml.SafeLoader, node: yaml.MappingNode):
+    data: dict = {}
+    yield data
+    data.update(_construct_mapping(loader, node, deep=True))
+
+
 def load_yaml(text: str) -> Any:
     """``yaml.safe_load`` with Python's float spellings (see module docstring)."""
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass

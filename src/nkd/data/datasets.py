@@ -139,16 +139,41 @@ def load_cifar(root: str | os.PathLike, name: str = "cifar100", train: bool = Tr
     }
     checked = type(base.__name__, (base,), attrs)
     root = os.fspath(root)
+    made = _first_missing(Path(root))  # a folder the download creates is removed again if it fails
     try:
         ds = checked(root, train=train, download=download)
     except RuntimeError as e:  # torchvision: files missing or failing their md5
-        raise FileNotFoundError(f"{name} not found or corrupted under {Path(root) / base.base_folder} ({e}). "
+        _remove_if_empty(made)
+        why = str(e).split(" You can use download=True")[0].strip()  # torchvision's own advice names its argument
+        raise FileNotFoundError(f"{name} not found or corrupted under {Path(root) / base.base_folder} ({why}). "
                                 + _cifar_where(name, root, base, download)) from e
-    except (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException) as e:
+    except (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException, OSError) as e:
+        _remove_if_empty(made)
         raise FileNotFoundError(f"{name}: could not download {base.url} ({e}). "
                                 + _cifar_where(name, root, base, download)) from e
     images = torch.from_numpy(np.ascontiguousarray(ds.data))
     return ArrayDataset(images, torch.as_tensor(ds.targets, dtype=torch.long), list(ds.classes))
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The topmost folder of ``path`` that does not exist yet (None if it exists)."""
+    missing = None
+    for p in (path, *path.parents):
+        if p.exists():
+            break
+        missing = p
+    return missing
+
+
+def _remove_if_empty(top: Path | None) -> None:
+    """Remove ``top`` (a folder this process created) when nothing but empty folders lie in it."""
+    if top is None or not top.is_dir():
+        return
+    if any(p.is_file() or p.is_symlink() for p in top.rglob("*")):
+        return
+    import shutil
+
+    shutil.rmtree(top, ignore_errors=True)
 
 
 def _cifar_where(name: str, root: str, base, download: bool) -> str:

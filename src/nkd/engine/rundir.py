@@ -73,10 +73,16 @@ class RunDir:
         self.file_handler: logging.Handler | None = None
         self.tb = self.tb_steps = None
         self._notes: list[str] = []  # messages from before logging was set up
+        self._made: Path | None = None  # the topmost folder this run created (None: output_dir existed)
+        self._new_files: list[Path] = []  # files this run created in an existing output_dir
 
     # ------------------------------------------------------------------ claim
     def check_writable(self) -> None:
         probe = self.path / f".write-test-{os.getpid()}"
+        for p in (self.path, *self.path.parents):
+            if p.exists():
+                break
+            self._made = p
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             probe.write_text("ok")
@@ -92,7 +98,11 @@ class RunDir:
         me = {"pid": os.getpid(), "host": socket.gethostname(), "start": _proc_start(os.getpid()),
               "since": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)[:300]}
         tmp = self.path / f"{LOCK_NAME}.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(me))
+        try:
+            tmp.write_text(json.dumps(me))
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise RunDirError(f"output_dir: cannot write the lock {lock} ({e.strerror or e})") from e
         try:
             for _ in range(3):
                 try:
@@ -166,7 +176,9 @@ class RunDir:
             self.log.addHandler(logging.NullHandler())
             return self.log
         self.path.mkdir(parents=True, exist_ok=True)
-        self.file_handler = logging.FileHandler(self.path / "train.log")
+        if not (self.path / "train.log").exists():
+            self._new_files.append(self.path / "train.log")
+        self.file_handler = _LogFile(self.path / "train.log")
         self.file_handler.setFormatter(_FORMAT)
         self.log.addHandler(self.file_handler)
         if console is not None:
@@ -182,8 +194,14 @@ class RunDir:
         resume, so epochs redone after a fallback are listed once); no stale summary."""
         if not self.is_main:
             return
-        (self.path / "config.yaml").write_text(config_text)
-        (self.path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+        for name, text in (("config.yaml", config_text), ("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))):
+            path = self.path / name
+            if not path.exists():
+                self._new_files.append(path)
+            try:
+                path.write_text(text)
+            except OSError as e:
+                raise RunDirError(f"output_dir: cannot write {path} ({e.strerror or e})") from e
         (self.path / "summary.json").unlink(missing_ok=True)
 
     def open_tensorboard(self, enabled: bool, next_epoch: int, next_step: int) -> None:
@@ -232,6 +250,62 @@ class RunDir:
             self.file_handler.close()
             self.file_handler = None
         self.unlock()
+
+
+    def discard(self) -> None:
+        """Setup failed before anything trained: remove what this run created (the folders it made,
+        or the files it added to an existing ``output_dir``), so bad input leaves nothing behind.
+        Call after :meth:`close`."""
+        if not self.is_main:
+            return
+        if self._made is not None:  # the run's own folder; the parents it made only while empty (a
+            shutil.rmtree(self.path, ignore_errors=True)  # parallel run may have put its folder there since)
+            for parent in self.path.parents:
+                if not str(parent).startswith(str(self._made)):
+                    break
+                try:
+                    parent.rmdir()
+                except OSError:
+                    break
+        else:
+            for path in self._new_files:
+                path.unlink(missing_ok=True)
+        self._made, self._new_files = None, []
+
+
+def live_run_owning(path: str | os.PathLike) -> str | None:
+    """Who is still training the run a checkpoint file belongs to (``RUN/checkpoints/x.pt`` with
+    ``RUN/.nkd.lock`` held by a live process on this host, not this one), or None."""
+    ck = Path(path).resolve()
+    lock = ck.parent.parent / LOCK_NAME
+    if ck.parent.name != "checkpoints" or not lock.is_file():
+        return None
+    try:
+        owner = json.loads(lock.read_text())
+    except (OSError, ValueError):
+        return None
+    pid = owner.get("pid")
+    if not isinstance(pid, int) or pid == os.getpid():
+        return None
+    if owner.get("host") != socket.gethostname():
+        return f"pid {pid} on host {owner.get('host')} (cannot be checked from here)"
+    if not _alive(pid, owner.get("start")):
+        return None
+    return f"pid {pid} on host {owner.get('host')}, started {owner.get('since', '?')}: {owner.get('command', '')!r}"
+
+
+class _LogFile(logging.FileHandler):
+    """``train.log``: a write that fails (a full disk) is said once on stderr, naming the file,
+    instead of logging's "--- Logging error ---" traceback for every line."""
+
+    _told = False
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        if not self._told:
+            self._told = True
+            err = sys.exc_info()[1]
+            print(f"nkd: cannot write {self.baseFilename} ({getattr(err, 'strerror', None) or err}); "
+                  "its log lines are lost", file=sys.stderr)
 
 
 EVAL_KEYS = ("top1", "top5", "eval_loss", "eval_samples", "best_top1")

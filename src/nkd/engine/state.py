@@ -77,9 +77,28 @@ def save_checkpoint(ckpt_dir: Path, state: dict[str, Any], is_best: bool,
             os.replace(tmp, ckpt_dir / "prev.pt")
         except OSError:
             tmp.unlink(missing_ok=True)
-    save_atomic(state, last, before_rename)
-    if is_best:
+    if is_best:  # best.pt first: if it cannot be written, last.pt does not claim a best it lacks
         save_atomic(state, ckpt_dir / "best.pt", before_rename)
+    save_atomic(state, last, before_rename)
+
+
+def restore_best(ckpt_dir: Path, path: Path, ck: dict[str, Any], log) -> None:
+    """A resumed checkpoint whose best epoch is its own epoch, while ``best.pt`` is missing or
+    holds another epoch (a write that failed, e.g. on a full disk, before best.pt came first):
+    rewrite ``best.pt`` from it, so ``summary.json`` and the files agree."""
+    best = ck.get("best") or {}
+    if ck.get("partial") or best.get("epoch") != int(ck["epoch"]) + 1:
+        return
+    target = ckpt_dir / "best.pt"
+    try:
+        current = load_checkpoint(target) if target.is_file() else None
+    except ValueError:
+        current = None
+    if current is not None and int(current.get("epoch", -2)) == int(ck["epoch"]):
+        return
+    save_atomic(ck, target)
+    log.info("rewrote %s from %s: the run's best epoch is %s and best.pt %s", target, path, best["epoch"],
+             "held another epoch" if current is not None else "was missing")
 
 
 def read_checkpoints(ckpt_dir: Path, log) -> list[tuple[Path, dict[str, Any]]]:
@@ -101,6 +120,45 @@ def read_checkpoints(ckpt_dir: Path, log) -> list[tuple[Path, dict[str, Any]]]:
     return found
 
 
+def with_new_defaults(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's stored config (flattened) with the keys added to nkd since it was written
+    filled in with their defaults — what the older code did — so they are no phantom change
+    ``None → default``. A key the new config sets to another value is still a change."""
+    from dataclasses import asdict
+
+    from ..config import Config, ModelConfig, flatten
+    from ..methods import METHODS
+
+    defaults = flatten(Config().to_dict())
+    defaults.update({f"teacher.{k}": v for k, v in flatten(asdict(ModelConfig())).items()})
+    method = METHODS.get(str(new.get("method", {}).get("name")))
+    if method is not None:
+        try:
+            defaults.update({f"method.params.{k}": v for k, v in asdict(method.Params()).items()})
+        except TypeError:  # a method whose parameters have no defaults: nothing to fill
+            pass
+    flat_old, flat_new = flatten(old), flatten(new)
+    if flat_old.get("teacher") is None and flat_new.get("teacher") is None:
+        defaults = {k: v for k, v in defaults.items() if not k.startswith("teacher.")}
+    added = {k: defaults[k] for k in flat_new if k not in flat_old and k in defaults
+             and not any(o.startswith(k + ".") or k.startswith(o + ".") for o in flat_old if o != k)}
+    return {**flat_old, **added}
+
+
+def data_root_change(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``data.root`` is a change of the run when it names another folder of a dataset read from
+    disk (another train and test set); the same folder spelled differently is not."""
+    a, b = (d.get("data", {}).get("root") for d in (old, new))
+    from ..data.facts import DATASETS
+
+    facts = DATASETS.get(str(new.get("data", {}).get("name")))
+    if (facts is not None and not facts.needs_root) or a == b:
+        return {}
+    if a is not None and b is not None and os.path.normpath(os.path.abspath(a)) == os.path.normpath(os.path.abspath(b)):
+        return {}
+    return {"data.root": (a, b)}
+
+
 def check_compatible(path: Path, ck: dict[str, Any], cfg_dict: dict[str, Any], allow_changes: bool
                      ) -> dict[str, tuple[Any, Any]]:
     """Refuse a checkpoint written for another run; return the accepted config changes."""
@@ -112,7 +170,8 @@ def check_compatible(path: Path, ck: dict[str, Any], cfg_dict: dict[str, Any], a
             raise ValueError(f"cannot resume from {path}: it was written for {key}={ck.get(key)!r}, "
                              f"the config says {want!r}")
     old = yaml.safe_load(ck.get("config") or "{}") or {}
-    changes = config_changes(old, cfg_dict)
+    changes = config_changes(with_new_defaults(old, cfg_dict), cfg_dict)
+    changes.update(data_root_change(old, cfg_dict))
     if changes and not allow_changes:
         listed = "; ".join(f"{k}: {a!r} → {b!r}" for k, a, b in ((k, *v) for k, v in changes.items()))
         raise ValueError(f"cannot resume from {path}: the config changes the run ({listed}); resume with the "

@@ -32,6 +32,25 @@ from .state import FORMAT, Progress, describe_position, save_checkpoint
 from .sync_bn import convert_sync_batchnorm
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere)."""
+    import platform
+
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8", errors="replace"):
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def machine() -> dict[str, Any]:
+    """What a CPU run's bitwise results depend on: CPU model, thread count, torch version."""
+    return {"cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
 def param_groups(model: nn.Module, weight_decay: float, exclude_norm_bias: bool) -> list[dict[str, Any]]:
     """All trainable parameters; with ``exclude_norm_bias`` biases and 1-D (norm) weights get wd 0."""
     decay, no_decay = [], []
@@ -249,7 +268,7 @@ class Student:
         if problem:
             raise ValueError(f"cannot resume from {path}: {problem}")
         self.trainable.load_state_dict(ck["trainable"])
-        self.optimizer.load_state_dict(ck["optimizer"])
+        fresh = self._load_optimizer(path, ck, changes)
         self.scaler.load_state_dict(ck["scaler"])
         if self.ema is not None and ck.get("ema") is not None:
             self.ema.load_state_dict(ck["ema"])
@@ -262,9 +281,30 @@ class Student:
         if changes:
             epoch, step = self.state.position()
             self.state.changes.append({"at": describe_position(epoch, step), "global_step": self.state.global_step,
-                                       "changes": {k: list(v) for k, v in changes.items()}})
+                                       "changes": {k: list(v) for k, v in changes.items()},
+                                       **({"optimizer": fresh} if fresh else {})})
+            if fresh:
+                self.log.info("--allow-changes: %s", fresh)
             self.log.info("--allow-changes: continuing with %s", "; ".join(f"{k}: {a!r} → {b!r}"
                                                                           for k, (a, b) in changes.items()))
+
+    def _load_optimizer(self, path, ck: dict[str, Any], changes: dict[str, tuple[Any, Any]]) -> str | None:
+        """Restore the optimizer's state; with accepted changes that make the saved state not fit
+        (another ``optim.name``, other parameter groups) the optimizer starts fresh instead — the
+        returned note says so (None when the state was restored)."""
+        from ..typed import first_line
+
+        if "optim.name" in changes:
+            a, b = changes["optim.name"]
+            return (f"optim.name changed ({a} → {b}): the {b} optimizer starts fresh (no momentum or moment "
+                    f"estimates from {a})")
+        try:
+            self.optimizer.load_state_dict(ck["optimizer"])
+        except (ValueError, KeyError) as e:
+            if not changes:
+                raise ValueError(f"cannot resume from {path}: its optimizer state does not fit: {first_line(e)}") from e
+            return f"the saved optimizer state does not fit the changed settings ({first_line(e)}): it starts fresh"
+        return None
 
     def summary(self, world_size: int) -> dict[str, Any]:
         cfg, st = self.cfg, self.state
@@ -279,4 +319,5 @@ class Student:
             "data": {"name": d.name, "root": d.root, "train_subset": d.train_subset, "image_size": d.image_size,
                      "num_classes": cfg.model.num_classes},
             "config_changes": st.changes,
+            "machine": machine(),
         }

@@ -36,7 +36,7 @@ from .distributed import DistInfo, all_reduce_max, all_reduce_sum, barrier, init
 from .faults import Faults
 from .guard import NonFiniteError
 from .rundir import RunDir
-from .state import check_compatible, describe_position, read_checkpoints
+from .state import check_compatible, describe_position, read_checkpoints, restore_best
 from .step import Student
 
 log = logging.getLogger("nkd")
@@ -183,6 +183,8 @@ class Trainer:
                 faults.install(self)
         except BaseException:
             self.close()
+            for run in self.runs:  # nothing trained: bad input leaves nothing behind
+                run.discard()
             raise
 
     # ------------------------------------------------------------------ setup
@@ -215,6 +217,8 @@ class Trainer:
         if not wanted:
             return None, ()
         tc = next(x.teacher for x in self.cfgs if METHODS[x.method.name].needs_teacher())
+        if tc.checkpoint:
+            check_teacher_is_final(tc.checkpoint)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.seed)  # a teacher without a checkpoint is initialized from the seed
             model = create_model(tc.name, tc.num_classes, checkpoint=tc.checkpoint, **tc.kwargs)
@@ -262,6 +266,7 @@ class Trainer:
                                  f"steps and the config now gives {steps} steps per epoch; resume with the original "
                                  "data settings to finish that epoch first")
             s.load(path, ck, changes)
+            restore_best(s.run.ckpt_dir, path, ck, s.log)
             restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
             why = f" (torchrun restart {restart})" if restart else ""
             s.log.info("resumed from %s %s, of %d epochs; global step %d%s", path,
@@ -415,7 +420,10 @@ class Trainer:
         name = signal.Signals(self._signal).name if self._signal else "a stop signal on another rank"
         saved = ", ".join(str(s.run.ckpt_dir / "last.pt") for s in self.active)
         step = self.active[0].state.global_step if self.active else 0
-        return f"stopped on {name} {where}, global step {step}; saved {saved} — continue with --resume"
+        msg = f"stopped on {name} {where}, global step {step}; saved {saved} — continue with --resume"
+        for s in self.active:  # every run's own train.log says why it ended (lockstep students included)
+            s.log.info("%s", msg)
+        return msg
 
     def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
         s = self.students[0]
@@ -442,6 +450,10 @@ class Trainer:
 
     def _log_start(self) -> None:
         c = self.cfg
+        note = busy_machine_note(c.train.threads, torch.get_num_threads())
+        if note:
+            for s in self.students:
+                s.log.info("%s", note)
         for s in self.students:
             s.log.info("run %s | method %s | student %s%s | %d epochs x %d steps | device %s x %d | %d CPU threads "
                        "(train.threads or OMP_NUM_THREADS to change)%s", s.run.path, s.cfg.method.name,
@@ -496,7 +508,7 @@ class Trainer:
             s.run.record_epoch(row)
             acc = (f" | top1 {row['top1']:.2f} top5 {row['top5']:.2f} (best {row['best_top1']:.2f})"
                    if "top1" in row else "")
-            s.log.info("epoch %d | loss %.4f | lr %.4g | %.0f img/s%s", row["epoch"], row["loss"], row["lr"],
+            s.log.info("epoch %d | loss %.4f | lr %.4g at its start | %.0f img/s%s", row["epoch"], row["loss"], row["lr"],
                        row["img_per_s"], acc)
         barrier(self.dist)
 
@@ -506,6 +518,45 @@ class Trainer:
         s.log.info("done: best top1 %.2f (epoch %s), last top1 %.2f", summary["best_top1"] or 0,
                    summary["best_epoch"], summary["last_top1"] or 0)
         return summary
+
+
+def busy_machine_note(configured: int | None, threads: int, load: float | None = None,
+                      cores: int | None = None) -> str | None:
+    """A line for the log when this run takes the default thread count (every core) on a machine
+    already busier than its cores (1-minute load average): several runs with all threads each run
+    far slower than with one thread each (what ``nkd sweep`` picks). None otherwise."""
+    if configured or os.environ.get("OMP_NUM_THREADS"):
+        return None
+    cores = cores or os.cpu_count() or 1
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except OSError:
+            return None
+    if load <= cores or threads <= 1:
+        return None
+    return (f"the machine is busy (load {load:.1f} on {cores} cores) and this run uses {threads} CPU threads: runs "
+            "sharing cores train much faster with fewer threads each — set train.threads (e.g. 1) or OMP_NUM_THREADS")
+
+
+ALLOW_LIVE_TEACHER = "NKD_ALLOW_LIVE_TEACHER"
+
+
+def check_teacher_is_final(checkpoint: str) -> None:
+    """Refuse a ``teacher.checkpoint`` of a run that is still training (its ``best.pt`` /
+    ``last.pt`` will still change): a ValueError naming the owner, or — with
+    ``NKD_ALLOW_LIVE_TEACHER=1`` — a line in the log."""
+    from .rundir import live_run_owning
+
+    owner = live_run_owning(checkpoint)
+    if owner is None:
+        return
+    msg = (f"teacher.checkpoint {checkpoint} belongs to a run that is still training ({owner}): the teacher "
+           "would be a snapshot that run replaces later")
+    if os.environ.get(ALLOW_LIVE_TEACHER) == "1":
+        log.warning("%s; using it anyway (%s=1)", msg, ALLOW_LIVE_TEACHER)
+        return
+    raise ValueError(f"{msg}. Wait for it to finish, copy the file, or set {ALLOW_LIVE_TEACHER}=1 to use it as it is now")
 
 
 def train_together(cfgs: Sequence[Config], resume: bool = False, overwrite: bool = False,

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -77,6 +78,39 @@ def _check_model(name: str, inner: nn.Module) -> tuple[nn.Module, nn.Module]:
                     f"{name}'s config sets {attr}={value!r}: its logits are not lm_head(hidden), which the fused losses assume"
                 )
     return inner.get_decoder(), head
+
+
+_CAUSAL_CHECKED: weakref.WeakSet = weakref.WeakSet()
+
+
+def check_causal(name: str, model: nn.Module, input_ids: Tensor) -> None:
+    """Refuse a model that sees the future: a masked LM (``BertForMaskedLM``) or a decoder class
+    built with ``is_decoder=False`` has ``get_decoder()`` and an LM head, but its hidden state at a
+    position changes when only later tokens change — next-token distillation on it leaks the
+    targets. Checked once per model with two small forwards in ``eval()`` mode (no dropout)."""
+    inner = _unwrap(model)
+    if inner in _CAUSAL_CHECKED or input_ids.shape[-1] < 2:
+        return
+    probe = input_ids[:1, : min(input_ids.shape[-1], 16)]
+    later = probe.clone()
+    vocab = inner.get_output_embeddings().out_features
+    later[0, -1] = (later[0, -1] + 1) % vocab
+    was = inner.training
+    inner.eval()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            a, _ = causal_lm_hidden(inner, probe)
+            b, _ = causal_lm_hidden(inner, later)
+    finally:
+        inner.train(was)
+    if not torch.allclose(a[:, :-1].float(), b[:, :-1].float(), rtol=1e-4, atol=1e-5):
+        hint = " (its config has is_decoder=False)" if getattr(getattr(inner, "config", None), "is_decoder", None) is False else ""
+        raise ValueError(
+            f"{name} is not a causal LM: its hidden states at earlier positions change when only the last token changes "
+            f"— {type(inner).__name__}{hint} sees the future, so next-token distillation would see its targets"
+        )
+    _CAUSAL_CHECKED.add(inner)
 
 
 def causal_lm_hidden(
@@ -160,6 +194,17 @@ def distillation_loss(
     target = shift_labels(input_ids, attention_mask, labels, ignore_index)
     _check_model("student", _unwrap(student))
     _check_model("teacher", _unwrap(teacher))
+    check_causal("student", student, input_ids)
+    check_causal("teacher", teacher, input_ids)
+    valid = None
+    if num_items_in_batch is not None:
+        n_items = int(num_items_in_batch.item() if isinstance(num_items_in_batch, Tensor) else num_items_in_batch)
+        valid = int((target != ignore_index).sum())
+        if n_items < valid:
+            raise ValueError(
+                f"num_items_in_batch must count the valid next-token positions of the whole (accumulated) batch, at least "
+                f"this batch's {valid}, got {n_items}"
+            )
     hidden, head = causal_lm_hidden(student, input_ids, attention_mask)
     with torch.no_grad():
         t_hidden, t_head = causal_lm_hidden(teacher, input_ids, attention_mask)

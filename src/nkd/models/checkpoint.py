@@ -57,6 +57,26 @@ def describe_mismatch(model: nn.Module, sd: Mapping[str, Tensor]) -> str | None:
     return "; ".join(parts)
 
 
+def archive_problem(path: str | os.PathLike) -> str | None:
+    """Why a torch zip checkpoint fails its own CRC-32 checks (a flipped bit, a bad sector), or
+    None when every record matches — or the file is no zip archive (legacy torch files, which
+    ``torch.load`` judges itself). ``torch.load`` does not check the CRCs."""
+    import zipfile
+
+    try:
+        if not zipfile.is_zipfile(path):
+            return None
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as e:
+        return f"not a complete zip archive ({first_line(e)})"
+    except Exception as e:  # noqa: BLE001 - e.g. zlib errors inside a damaged record
+        return f"a damaged record ({first_line(e)})"
+    if bad is not None:
+        return f"the CRC-32 of its record {bad!r} does not match its contents (a flipped bit or damaged storage)"
+    return None
+
+
 def read_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> object:
     """``torch.load`` of a checkpoint file (``weights_only`` unless ``allow_pickle``) whose every
     failure is a ``ValueError`` naming the file and the reason (empty, truncated/corrupt, or
@@ -66,6 +86,9 @@ def read_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> obje
         raise FileNotFoundError(f"checkpoint not found: {source}")
     if os.path.getsize(source) == 0:
         raise ValueError(f"checkpoint {source} is unreadable: the file is empty (0 bytes; a torn write)")
+    problem = archive_problem(source)
+    if problem:
+        raise ValueError(f"checkpoint {source} is corrupt: {problem}")
     try:
         return torch.load(source, map_location="cpu", weights_only=not allow_pickle)
     except Exception as e:  # noqa: BLE001 - re-raised with the file named
