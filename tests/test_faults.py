@@ -143,17 +143,25 @@ def test_sigterm_saves_at_the_next_step_and_resume_matches(tmp_path, step, where
 
 
 # ----------------------------------------------------------------------------- 2. corrupt / foreign checkpoints
-def test_truncated_last_checkpoint_falls_back_to_the_previous_one(tmp_path, reference):
+@pytest.mark.parametrize("damage", ["truncated", "empty"])
+def test_a_torn_last_checkpoint_falls_back_to_the_previous_one(tmp_path, reference, damage):
+    # (one test for both torn forms: half a file after a disk fault, 0 bytes after a crash at open)
     cfg = config(tmp_path, "run")
     Trainer(load_config(cfg, ["schedule.epochs=4", "train.max_steps_per_epoch=1000"])).fit()
     ck = tmp_path / "run" / "checkpoints"
     assert load_checkpoint(ck / "prev.pt")["epoch"] == 2
     data = (ck / "last.pt").read_bytes()
-    (ck / "last.pt").write_bytes(data[: len(data) // 2])  # a torn file, as after a disk fault
+    (ck / "last.pt").write_bytes(data[: len(data) // 2] if damage == "truncated" else b"")
+    (ck / f"last.pt.tmp-{2**22 + 7}").write_bytes(b"half a file")  # a dead writer's leftover
     # resumes after epoch 3 from prev.pt, redoes epoch 4
     assert cli_main(["train", cfg, "--resume", "schedule.epochs=4", "train.max_steps_per_epoch=1000"]) == 0
     assert same(weights(tmp_path / "run"), reference)
     assert epochs_logged(tmp_path / "run") == [1, 2, 3, 4]  # epoch 4 redone, listed once
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "resumed from" in log and "prev.pt" in log and "incomplete checkpoint write" in log
+    assert not list(ck.glob("*.tmp-*"))
+    if damage == "empty":
+        assert "the file is empty (0 bytes; a torn write)" in log
 
 
 def test_tensorboard_hides_the_epochs_a_resume_redoes(tmp_path):

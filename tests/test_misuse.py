@@ -137,15 +137,7 @@ def _finished_run(tmp_path: Path) -> tuple[str, Path]:
     return cfg, tmp_path / "run" / "checkpoints"
 
 
-def test_an_empty_last_pt_is_a_torn_checkpoint_that_falls_back_to_prev(tmp_path, capsys):
-    cfg, ck = _finished_run(tmp_path)
-    (ck / "last.pt").write_bytes(b"")
-    (ck / f"last.pt.tmp-{2**22 + 7}").write_bytes(b"half a file")  # a dead writer's leftover
-    assert cli_main(["train", cfg, "--resume"]) == 0  # redoes epoch 2 from prev.pt
-    log = (tmp_path / "run" / "train.log").read_text()
-    assert "the file is empty (0 bytes; a torn write)" in log and "resumed from" in log and "prev.pt" in log
-    assert "incomplete checkpoint write" in log and not list(ck.glob("*.tmp-*"))
-    assert load_checkpoint(ck / "last.pt")["epoch"] == 1
+# a torn last.pt that falls back to prev.pt: tests/test_faults.py::test_a_torn_last_checkpoint_falls_back_to_the_previous_one
 
 
 @pytest.mark.parametrize("damage", ["empty", "truncated", "pickle", "architecture"])
