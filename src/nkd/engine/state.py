@@ -25,35 +25,63 @@ FORMAT = "nkd-train-v1"
 
 
 @dataclass
+class InEpoch:
+    """A checkpoint written inside an epoch: ``step`` of the ``steps`` steps of ``epoch`` (0-based)
+    are done, over ``seen`` samples, with the epoch's loss ``sums`` so far (summed over ranks).
+    The one reader and writer of the checkpoint's ``partial`` entry (a plain dict on disk)."""
+
+    epoch: int
+    step: int
+    seen: int
+    sums: dict[str, float]
+    steps: int | None = None  # absent in checkpoints of older versions
+
+    @classmethod
+    def read(cls, d: dict[str, Any] | None) -> InEpoch | None:
+        if not d:
+            return None
+        return cls(int(d["epoch"]), int(d["step"]), int(d["seen"]), dict(d["sums"]),
+                   None if d.get("steps") is None else int(d["steps"]))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "step": self.step, "steps": self.steps, "seen": self.seen, "sums": self.sums}
+
+
+def checkpoint_position(ck: dict[str, Any]) -> tuple[int, int]:
+    """(epoch to train next, steps of it already done) of a checkpoint dict."""
+    return Progress.from_state(ck).position()
+
+
+@dataclass
 class Progress:
     """Where a student's run stands: ``epoch`` is the last *complete* epoch (0-based; -1: none);
-    ``partial`` = ``{"epoch", "step", "seen", "sums"}`` when the checkpoint was written inside an
-    epoch (``step`` steps of ``epoch`` done; the epoch's loss sums so far, summed over ranks)."""
+    ``partial`` when the checkpoint was written inside an epoch (:class:`InEpoch`)."""
 
     epoch: int = -1
     global_step: int = 0
     best: dict[str, Any] = field(default_factory=lambda: {"top1": -1.0, "epoch": -1})
     history: list[dict[str, Any]] = field(default_factory=list)
     skipped_steps: int = 0
-    partial: dict[str, Any] | None = None
+    partial: InEpoch | None = None
     changes: list[dict[str, Any]] = field(default_factory=list)
 
     def position(self) -> tuple[int, int]:
         """(epoch to train next, steps of it already done)."""
         if self.partial is not None:
-            return int(self.partial["epoch"]), int(self.partial["step"])
+            return self.partial.epoch, self.partial.step
         return self.epoch + 1, 0
 
     def to_state(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "global_step": self.global_step, "best": dict(self.best),
-                "history": json.dumps(self.history), "skipped_steps": self.skipped_steps, "partial": self.partial,
+                "history": json.dumps(self.history), "skipped_steps": self.skipped_steps,
+                "partial": None if self.partial is None else self.partial.to_dict(),
                 "config_changes": json.dumps(self.changes)}
 
     @classmethod
     def from_state(cls, ck: dict[str, Any]) -> Progress:
         return cls(epoch=int(ck["epoch"]), global_step=int(ck["global_step"]), best=dict(ck["best"]),
                    history=json.loads(ck["history"]), skipped_steps=int(ck.get("skipped_steps", 0)),
-                   partial=ck.get("partial"), changes=json.loads(ck.get("config_changes", "[]")))
+                   partial=InEpoch.read(ck.get("partial")), changes=json.loads(ck.get("config_changes", "[]")))
 
 
 def describe_position(epoch: int, step: int, steps: int | None = None) -> str:

@@ -28,7 +28,7 @@ from .distributed import DistInfo, all_reduce_sum
 from .guard import NonFiniteError, NonFiniteGuard
 from .rundir import RunDir
 from .schedule import lr_at
-from .state import FORMAT, Progress, describe_position, save_checkpoint
+from .state import FORMAT, InEpoch, Progress, describe_position, save_checkpoint
 from .sync_bn import convert_sync_batchnorm
 
 
@@ -143,10 +143,10 @@ class Student:
         self.guard.reset()
         self.sums, self.seen, self.restored = {}, 0, 0
         partial = self.state.partial
-        if partial is not None and partial["epoch"] == epoch and start and self.dist.is_main:
+        if partial is not None and partial.epoch == epoch and start and self.dist.is_main:
             # the saved sums are already summed over ranks
-            self.sums = {k: torch.tensor(v, device=self.device) for k, v in partial["sums"].items()}
-            self.seen = self.restored = int(partial["seen"])
+            self.sums = {k: torch.tensor(v, device=self.device) for k, v in partial.sums.items()}
+            self.seen = self.restored = partial.seen
         self.state.partial = None
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, teacher: dict[str, torch.Tensor] | None, epoch: float,
@@ -254,7 +254,7 @@ class Student:
     def save_inside_epoch(self, epoch: int, step: int, steps: int) -> None:
         """``last.pt`` after ``step`` of the ``steps`` steps of ``epoch``, with the epoch's sums so far."""
         count, totals = self.reduce_sums()
-        self.state.partial = {"epoch": epoch, "step": step, "steps": steps, "seen": count, "sums": totals}
+        self.state.partial = InEpoch(epoch, step, count, totals, steps)
         try:
             self.save()
         finally:

@@ -36,7 +36,7 @@ from .distributed import DistInfo, all_reduce_max, all_reduce_sum, barrier, init
 from .faults import Faults
 from .guard import NonFiniteError
 from .rundir import RunDir
-from .state import check_compatible, describe_position, read_checkpoints, restore_best
+from .state import InEpoch, check_compatible, checkpoint_position, describe_position, read_checkpoints, restore_best
 from .step import Student
 
 log = logging.getLogger("nkd")
@@ -240,10 +240,7 @@ class Trainer:
         if not any(options):
             return 0, 0
 
-        def position(ck: dict[str, Any]) -> tuple[int, int]:
-            partial = ck.get("partial")
-            return (int(partial["epoch"]), int(partial["step"])) if partial else (int(ck["epoch"]) + 1, 0)
-
+        position = checkpoint_position
         target = min(position(found[0][1]) if found else (0, 0) for found in options)
         steps = self.steps_per_epoch()
         chosen = []
@@ -260,9 +257,9 @@ class Trainer:
                 continue
             path, ck = match
             changes = check_compatible(path, ck, s.cfg.to_dict(), allow_changes)
-            partial = ck.get("partial")
-            if partial and partial.get("steps", steps) != steps:
-                raise ValueError(f"cannot resume from {path}: it was saved inside an epoch of {partial.get('steps')} "
+            partial = InEpoch.read(ck.get("partial"))
+            if partial is not None and partial.steps not in (None, steps):
+                raise ValueError(f"cannot resume from {path}: it was saved inside an epoch of {partial.steps} "
                                  f"steps and the config now gives {steps} steps per epoch; resume with the original "
                                  "data settings to finish that epoch first")
             s.load(path, ck, changes)
