@@ -230,7 +230,8 @@ A ``transformers.Trainer`` whose loss is token-level NKD or KD (+ ``ce_weight`` 
       ``cache_index`` (see :func:`nkd.lm.cache_dataset`); no teacher is in memory.
 
     ``loss_kwargs`` go to the fused loss (``temperature``, ``gamma``, ``topk_rest``, ``chunk_size``).
-    The cache's temperature is the loss's (the stored log-probabilities are at that temperature).
+    The loss's ``temperature`` is applied to the teacher's log-probabilities, so a cache for
+    training is written at ``temperature=1.0`` (another is refused).
 """
 
 
@@ -249,9 +250,9 @@ def _make_distillation_trainer(Trainer):
                 from ..lm import TeacherCache
 
                 cache = cache if isinstance(cache, TeacherCache) else TeacherCache(cache)
-                if "temperature" in loss_kwargs and loss_kwargs["temperature"] != cache.temperature:
-                    raise ValueError(f"temperature={loss_kwargs['temperature']} differs from the cache's {cache.temperature}")
-                loss_kwargs.setdefault("temperature", cache.temperature)
+                if cache.temperature != 1.0:  # the loss applies its own temperature to the stored log-probabilities
+                    raise ValueError(f"cache: written at temperature={cache.temperature}; training needs a cache written at "
+                                     "temperature=1.0 (the loss's temperature is applied to its log-probabilities)")
                 vocab = _unwrap(self.model).get_output_embeddings().weight.shape[0]
                 if vocab != cache.vocab_size:
                     raise ValueError(f"cache: written for V={cache.vocab_size}, the student's head has V={vocab}")
@@ -276,7 +277,7 @@ def _make_distillation_trainer(Trainer):
             elif self.top_k is not None:
                 from ..lm import teacher_topk
 
-                t_ids, t_lp, _ = teacher_topk(self.teacher, ids, self.top_k, mask, self.loss_kwargs.get("temperature", 1.0))
+                t_ids, t_lp, _ = teacher_topk(self.teacher, ids, self.top_k, mask)  # temperature 1, as a cache for training
                 topk = (t_ids, t_lp)
             else:
                 topk = None

@@ -23,7 +23,7 @@ def read_texts(source) -> list[str]:
         source = [source]
     out = []
     for item in source:
-        if isinstance(item, str) and not os.path.exists(item) and ("\n" in item or len(item) > 4096):
+        if isinstance(item, str) and (item == "" or not os.path.exists(item) and ("\n" in item or len(item) > 4096)):
             out.append(item)  # a text, not a path
             continue
         p = Path(item)
