@@ -1,5 +1,5 @@
 """Tiny config-built causal LMs and a tiny tokenizer trained on stdlib sources, for the nkd.lm tests
-(nothing downloaded). ``MODELS`` is also executed by the writer subprocess of the kill test."""
+(nothing downloaded); the writer subprocess of the kill test imports them too."""
 
 from __future__ import annotations
 
@@ -8,20 +8,19 @@ from pathlib import Path
 
 import torch
 
-MODELS = '''
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 def tiny_llama(hidden=32, layers=2, vocab=200, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     return LlamaForCausalLM(cfg).eval()
 
+
 def tiny_blocks(n=12, length=16, vocab=200, seed=1):
     return torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
-'''
-exec(MODELS)
+
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 FILES = [STDLIB / f for f in ("textwrap.py", "colorsys.py", "bisect.py", "keyword.py")]
@@ -37,6 +36,3 @@ def tiny_tokenizer(vocab: int = 300):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator((p.read_text() for p in FILES), trainer=trainer)
     return tok
-
-
-__all__ = ["tiny_llama", "tiny_blocks", "tiny_tokenizer", "MODELS", "FILES", "torch"]

@@ -14,8 +14,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from lm_tiny import MODELS, tiny_blocks, tiny_llama  # noqa: E402
-
+from lm_tiny import tiny_blocks, tiny_llama  # noqa: E402
 from nkd.lm import CacheError, TeacherCache, teacher_topk, write_teacher_cache  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,8 +67,9 @@ def test_half_precision_storage_error_and_size(tmp_path, dtype, bound):
     assert half.nbytes() < 0.7 * f32.nbytes()
 
 
-WRITER = MODELS + '''
+WRITER = '''
 import sys, time
+from lm_tiny import tiny_blocks, tiny_llama
 from nkd.lm import write_teacher_cache
 slow = sys.argv[2] == "slow"
 def progress(done, total):
@@ -80,7 +80,7 @@ write_teacher_cache(tiny_llama(), tiny_blocks(n=12), sys.argv[1], top_k=8, batch
 
 
 def _writer(path: Path, mode: str) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")]), OMP_NUM_THREADS="1")
     return subprocess.Popen([sys.executable, "-c", WRITER, str(path), mode], env=env)
 
 

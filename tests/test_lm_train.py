@@ -12,7 +12,6 @@ import torch.nn.functional as F
 pytest.importorskip("transformers")
 
 from lm_tiny import FILES, tiny_blocks, tiny_llama, tiny_tokenizer  # noqa: E402
-
 from nkd.integrations.hf import distillation_loss, topk_distillation_loss  # noqa: E402
 from nkd.lm import cache_dataset, check_vocab, evaluate, teacher_topk, text_blocks, write_teacher_cache  # noqa: E402
 
