@@ -126,3 +126,23 @@ def test_evaluate_is_token_weighted_and_padding_aware():
     assert model.training is False
     full = evaluate(model, blocks)
     assert full["tokens"] == 75 and full["perplexity"] != res["perplexity"]
+
+
+@pytest.mark.parametrize("method,parts", [("nkd", ("loss_target", "loss_non_target", "loss_ce")), ("kd", ("loss_kd", "loss_ce"))])
+def test_trainer_logs_the_loss_parts_and_they_add_up(tmp_path, method, parts):
+    from nkd.integrations.hf import DistillationTrainer
+
+    teacher, blocks = tiny_llama(), tiny_blocks(n=4)
+    cache = write_teacher_cache(teacher, blocks, tmp_path / "c", top_k=8)
+    student = tiny_llama(hidden=16, layers=1, seed=3)
+    args = _args(tmp_path, max_steps=1, learning_rate=0.0)
+    tr = DistillationTrainer(model=student, args=args, train_dataset=cache_dataset(blocks), cache=cache, method=method, ce_weight=0.5)
+    tr.train()
+    row = next(r for r in tr.state.log_history if "loss" in r)
+    assert all(k in row for k in parts)
+    total = sum(row[k] for k in parts if k != "loss_ce") + 0.5 * row["loss_ce"]
+    assert math.isclose(total, row["loss"], rel_tol=1e-4)
+    ref = topk_distillation_loss(student, cache.topk(slice(None)), blocks, method=method, ce_weight=0.0, gamma=0.0) \
+        if method == "nkd" else None
+    if ref is not None:
+        assert math.isclose(row["loss_target"], float(ref.detach()), rel_tol=1e-5)

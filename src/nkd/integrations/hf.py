@@ -230,6 +230,9 @@ A ``transformers.Trainer`` whose loss is token-level NKD or KD (+ ``ce_weight`` 
       ``cache_index`` (see :func:`nkd.lm.cache_dataset`); no teacher is in memory.
 
     ``loss_kwargs`` go to the fused loss (``temperature``, ``gamma``, ``topk_rest``, ``chunk_size``).
+    With ``log_parts`` (default) every log line also carries the loss parts of its last step's
+    batches (NKD: ``loss_target``, ``loss_non_target``, ``loss_ce``; KD: ``loss_kd``, ``loss_ce``;
+    means over valid positions, computed under ``no_grad`` on logging steps only).
     The loss's ``temperature`` is applied to the teacher's log-probabilities, so a cache for
     training is written at ``temperature=1.0`` (another is refused).
 """
@@ -239,7 +242,7 @@ def _make_distillation_trainer(Trainer):
     class DistillationTrainer(Trainer):
         __doc__ = _DISTILLATION_TRAINER_DOC
 
-        def __init__(self, *args, teacher=None, cache=None, method="nkd", ce_weight=1.0, top_k=None, **kwargs):
+        def __init__(self, *args, teacher=None, cache=None, method="nkd", ce_weight=1.0, top_k=None, log_parts=True, **kwargs):
             loss_kwargs = {k: kwargs.pop(k) for k in ("temperature", "gamma", "topk_rest", "chunk_size") if k in kwargs}
             if (teacher is None) == (cache is None):
                 raise ValueError("give exactly one of teacher (a live causal LM) or cache (a TeacherCache)")
@@ -261,6 +264,7 @@ def _make_distillation_trainer(Trainer):
                 _check_model("teacher", _unwrap(teacher))
             self.teacher, self.cache, self.method, self.top_k = teacher, cache, method, top_k
             self.loss_kwargs = dict(loss_kwargs, ce_weight=ce_weight)
+            self.log_parts, self._parts = log_parts, {}
 
         def _set_signature_columns_if_needed(self):
             super()._set_signature_columns_if_needed()
@@ -287,9 +291,47 @@ def _make_distillation_trainer(Trainer):
             else:
                 loss = topk_distillation_loss(model, topk, ids, mask, labels, method=self.method,
                                               num_items_in_batch=num_items_in_batch, **self.loss_kwargs)
+            if model.training and self.log_parts and (self.state.global_step + 1) % max(int(self.args.logging_steps), 1) == 0:
+                self._record_parts(model, ids, mask, labels, topk)
             if num_items_in_batch is not None and self.args.average_tokens_across_devices:
                 loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss does under DDP
             return (loss, {}) if return_outputs else loss
+
+        @torch.no_grad()
+        def _record_parts(self, model, ids, mask, labels, topk):
+            """The loss parts (mean over valid positions) of this batch, for the next log line:
+            NKD: target, non-target, CE; KD: KD, CE. RNG state is left as it was."""
+            with torch.random.fork_rng(devices=[]):
+                hidden, head = causal_lm_hidden(model, ids, mask)
+                target = shift_labels(ids, mask, labels)
+                if topk is None:
+                    t_hidden, t_head = causal_lm_hidden(self.teacher, ids, mask)
+                    teacher = dict(teacher_hidden=t_hidden[:, :-1], teacher_weight=t_head.weight, teacher_bias=t_head.bias)
+                else:
+                    teacher = dict(teacher_topk=(topk[0][:, :-1], topk[1][:, :-1]))
+                kw = {k: v for k, v in self.loss_kwargs.items() if k != "ce_weight"}
+                if topk is None:
+                    kw.pop("topk_rest", None)
+                fn = LM_LOSSES[self.method]
+
+                def f(**extra):
+                    return float(fn(hidden[:, :-1], head.weight, target=target, bias=head.bias, **teacher, **{**kw, **extra}))
+
+                distill, with_ce = f(ce_weight=0.0), f(ce_weight=1.0)
+                parts = {"loss_ce": with_ce - distill}
+                if self.method == "nkd":
+                    tgt = f(ce_weight=0.0, gamma=0.0)
+                    parts.update(loss_target=tgt, loss_non_target=distill - tgt)
+                else:
+                    parts["loss_kd"] = distill
+            for k, v in parts.items():
+                self._parts.setdefault(k, []).append(v)
+
+        def log(self, logs, *args, **kwargs):
+            if "loss" in logs and self._parts:
+                logs = {**logs, **{k: sum(v) / len(v) for k, v in self._parts.items()}}
+                self._parts = {}
+            return super().log(logs, *args, **kwargs)
 
     DistillationTrainer.__qualname__ = DistillationTrainer.__name__
     return DistillationTrainer
