@@ -46,6 +46,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from nkd.integrations.hf import causal_lm_hidden  # noqa: E402
+from nkd.lm import encode_texts  # noqa: E402
+from nkd.lm import evaluate as lm_evaluate  # noqa: E402
 from nkd.losses import fused_linear_kd_loss, fused_linear_nkd_loss  # noqa: E402
 
 EOT = "<|endoftext|>"
@@ -112,11 +114,7 @@ def build_tokenizer(train_files: list[Path], vocab: int, path: Path):
 
 
 def encode(tok, files: list[Path]) -> np.ndarray:
-    eot = tok.token_to_id(EOT)
-    out: list[int] = []
-    for enc in tok.encode_batch([read(p) for p in files]):
-        out += enc.ids + [eot]
-    return np.asarray(out, dtype=np.int32)
+    return np.asarray(encode_texts(tok, [read(p) for p in files], tok.token_to_id(EOT)), dtype=np.int32)
 
 
 def windows(tokens: np.ndarray, seq: int) -> torch.Tensor:
@@ -166,20 +164,12 @@ def autocast(enabled: bool):
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
 
 
-@torch.no_grad()
 def evaluate(model, val: torch.Tensor, batch: int, bf16: bool) -> dict:
-    model.eval()
-    nll, correct, count = 0.0, 0, 0
-    for i in range(0, len(val), batch):
-        w = val[i : i + batch]
-        with autocast(bf16):
-            logits = model(input_ids=w[:, :-1]).logits.float()
-        tgt = w[:, 1:]
-        nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="sum"))
-        correct += int((logits.argmax(-1) == tgt).sum())
-        count += tgt.numel()
+    """Perplexity and top-1 on ``[n, seq + 1]`` windows (``nkd.lm.evaluate``), under bf16 autocast when set."""
+    with autocast(bf16):
+        r = lm_evaluate(model, val, batch_size=batch)
     model.train()
-    return dict(val_ppl=math.exp(nll / count), val_acc=100.0 * correct / count, val_nll=nll / count)
+    return dict(val_ppl=r["perplexity"], val_acc=r["top1"], val_nll=r["nll"])
 
 
 def train(model, setup: Setup, steps: int, batches, loss_fn, val: torch.Tensor, bf16: bool, log) -> list[dict]:

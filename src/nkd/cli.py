@@ -393,6 +393,37 @@ PARSERS = {"train": _train_parser, "eval": _eval_parser, "export": _export_parse
            "sweep": _sweep_parser, "report": _report_parser}
 
 
+@command("lm", "language models: nkd lm cache CONFIG (teacher top-k cache) | nkd lm train CONFIG (student)")
+def cmd_lm(args: argparse.Namespace) -> int:
+    from .lm.recipe import RecipeError, run_cache, run_train
+
+    try:
+        if args.lm_command == "cache":
+            return run_cache(args.config)
+        return run_train(args.config, resume=args.resume, overwrite=args.overwrite)
+    except RecipeError as e:
+        return _bad_input(str(e))
+    except ValueError as e:  # cache fingerprint, vocabulary, corpus, locked run directory
+        return _bad_input(str(e))
+    except FloatingPointError as e:
+        print(f"nkd: training stopped: {e}", file=sys.stderr)
+        return 1
+
+
+def _lm_parser(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="lm_command", required=True)
+    c = sub.add_parser("cache", help="run the teacher once over the corpus and write its top-k cache (resumable)")
+    c.add_argument("config", help="YAML LM recipe (see nkd.lm.recipe)")
+    t = sub.add_parser("train", help="train the student from the cache (or a live teacher)")
+    t.add_argument("config", help="YAML LM recipe (see nkd.lm.recipe)")
+    start = t.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoints/last.pt")
+    start.add_argument("--overwrite", action="store_true", help="start again in an OUTPUT_DIR that holds a run")
+
+
+PARSERS["lm"] = _lm_parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from ..losses.fused import fused_linear_kd_loss, fused_linear_nkd_loss
 
-__all__ = ["LM_LOSSES", "causal_lm_hidden", "shift_labels", "distillation_loss"]
+__all__ = ["LM_LOSSES", "causal_lm_hidden", "shift_labels", "distillation_loss", "topk_distillation_loss"]  # + DistillationTrainer (lazy)
 
 LM_LOSSES: dict[str, Callable[..., Tensor]] = {"nkd": fused_linear_nkd_loss, "kd": fused_linear_kd_loss}
 
@@ -226,3 +226,172 @@ def distillation_loss(
         n = num_items_in_batch.clamp(min=1) if isinstance(num_items_in_batch, Tensor) else max(num_items_in_batch, 1)
         loss = loss / n
     return loss
+
+
+def topk_distillation_loss(
+    student: nn.Module,
+    teacher_topk: tuple[Tensor, Tensor],
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    labels: Tensor | None = None,
+    method: str = "nkd",
+    *,
+    num_items_in_batch: Tensor | int | None = None,
+    ignore_index: int = -100,
+    **loss_kwargs,
+) -> Tensor:
+    """As :func:`distillation_loss`, with a sparse teacher: ``teacher_topk = (ids, logprobs)``
+    ``[B, T, k]`` per input position (e.g. ``TeacherCache.topk``); position ``i``'s entry is the
+    teacher's distribution of token ``i + 1``, so the last position's is unused."""
+    if method not in LM_LOSSES:
+        raise ValueError(f"method must be one of {sorted(LM_LOSSES)}, got {method!r}")
+    if "reduction" in loss_kwargs:
+        raise ValueError("reduction is set by topk_distillation_loss (mean, or sum / num_items_in_batch)")
+    ids, lp = teacher_topk
+    if ids.shape[:2] != input_ids.shape:
+        raise ValueError(f"teacher_topk must be [B, T, k] for input_ids {tuple(input_ids.shape)}, got {tuple(ids.shape)}")
+    target = shift_labels(input_ids, attention_mask, labels, ignore_index)
+    hidden, head = causal_lm_hidden(student, input_ids, attention_mask)
+    reduction = "mean" if num_items_in_batch is None else "sum"
+    loss = LM_LOSSES[method](
+        hidden[:, :-1], head.weight, target=target, bias=head.bias, teacher_topk=(ids[:, :-1], lp[:, :-1]),
+        ignore_index=ignore_index, reduction=reduction, **loss_kwargs,
+    )
+    if num_items_in_batch is not None:
+        n = num_items_in_batch.clamp(min=1) if isinstance(num_items_in_batch, Tensor) else max(num_items_in_batch, 1)
+        loss = loss / n
+    return loss
+
+
+_DISTILLATION_TRAINER_DOC = """\
+A ``transformers.Trainer`` whose loss is token-level NKD or KD (+ ``ce_weight`` · CE).
+
+    ``DistillationTrainer(model=student, args=..., train_dataset=..., teacher=None, cache=None,
+    method="nkd", ce_weight=1.0, top_k=None, **loss_kwargs)``. The teacher is exactly one of:
+
+    * ``teacher`` — a live causal LM (frozen, moved to the device, ``eval()``); dense loss on its
+      hidden states, or with ``top_k`` its top-k on the fly (what a cache stores);
+    * ``cache`` — a :class:`nkd.lm.TeacherCache` (or its path); the examples must carry
+      ``cache_index`` (see :func:`nkd.lm.cache_dataset`); no teacher is in memory.
+
+    ``loss_kwargs`` go to the fused loss (``temperature``, ``gamma``, ``topk_rest``, ``chunk_size``).
+    With ``log_parts`` (default) every log line also carries the loss parts of its last step's
+    batches (NKD: ``loss_target``, ``loss_non_target``, ``loss_ce``; KD: ``loss_kd``, ``loss_ce``;
+    means over valid positions, computed under ``no_grad`` on logging steps only).
+    The loss's ``temperature`` is applied to the teacher's log-probabilities, so a cache for
+    training is written at ``temperature=1.0`` (another is refused).
+"""
+
+
+def _make_distillation_trainer(Trainer):
+    class DistillationTrainer(Trainer):
+        __doc__ = _DISTILLATION_TRAINER_DOC
+
+        def __init__(self, *args, teacher=None, cache=None, method="nkd", ce_weight=1.0, top_k=None, log_parts=True, **kwargs):
+            loss_kwargs = {k: kwargs.pop(k) for k in ("temperature", "gamma", "topk_rest", "chunk_size") if k in kwargs}
+            if (teacher is None) == (cache is None):
+                raise ValueError("give exactly one of teacher (a live causal LM) or cache (a TeacherCache)")
+            if method not in LM_LOSSES:
+                raise ValueError(f"method must be one of {sorted(LM_LOSSES)}, got {method!r}")
+            super().__init__(*args, **kwargs)
+            if cache is not None:
+                from ..lm import TeacherCache
+
+                cache = cache if isinstance(cache, TeacherCache) else TeacherCache(cache)
+                if cache.temperature != 1.0:  # the loss applies its own temperature to the stored log-probabilities
+                    raise ValueError(f"cache: written at temperature={cache.temperature}; training needs a cache written at "
+                                     "temperature=1.0 (the loss's temperature is applied to its log-probabilities)")
+                vocab = _unwrap(self.model).get_output_embeddings().weight.shape[0]
+                if vocab != cache.vocab_size:
+                    raise ValueError(f"cache: written for V={cache.vocab_size}, the student's head has V={vocab}")
+            else:
+                teacher = teacher.to(self.args.device).eval().requires_grad_(False)
+                _check_model("teacher", _unwrap(teacher))
+            self.teacher, self.cache, self.method, self.top_k = teacher, cache, method, top_k
+            self.loss_kwargs = dict(loss_kwargs, ce_weight=ce_weight)
+            self.log_parts, self._parts = log_parts, {}
+
+        def _set_signature_columns_if_needed(self):
+            super()._set_signature_columns_if_needed()
+            if "cache_index" not in self._signature_columns:
+                self._signature_columns = [*self._signature_columns, "cache_index"]
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            ids, mask, labels = inputs["input_ids"], inputs.get("attention_mask"), inputs.get("labels")
+            if self.cache is not None:
+                if "cache_index" not in inputs:
+                    raise ValueError("training from a cache: every example needs its cache_index (nkd.lm.cache_dataset)")
+                t_ids, t_lp = self.cache.topk(inputs["cache_index"].cpu())
+                topk = (t_ids.to(ids.device), t_lp.to(ids.device))
+            elif self.top_k is not None:
+                from ..lm import teacher_topk
+
+                t_ids, t_lp, _ = teacher_topk(self.teacher, ids, self.top_k, mask)  # temperature 1, as a cache for training
+                topk = (t_ids, t_lp)
+            else:
+                topk = None
+            if topk is None:
+                loss = distillation_loss(model, self.teacher, ids, mask, labels, method=self.method,
+                                         num_items_in_batch=num_items_in_batch, **self.loss_kwargs)
+            else:
+                loss = topk_distillation_loss(model, topk, ids, mask, labels, method=self.method,
+                                              num_items_in_batch=num_items_in_batch, **self.loss_kwargs)
+            if model.training and self.log_parts and (self.state.global_step + 1) % max(int(self.args.logging_steps), 1) == 0:
+                self._record_parts(model, ids, mask, labels, topk)
+            if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+                loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss does under DDP
+            return (loss, {}) if return_outputs else loss
+
+        @torch.no_grad()
+        def _record_parts(self, model, ids, mask, labels, topk):
+            """The loss parts (mean over valid positions) of this batch, for the next log line:
+            NKD: target, non-target, CE; KD: KD, CE. RNG state is left as it was."""
+            with torch.random.fork_rng(devices=[]):
+                hidden, head = causal_lm_hidden(model, ids, mask)
+                target = shift_labels(ids, mask, labels)
+                if topk is None:
+                    t_hidden, t_head = causal_lm_hidden(self.teacher, ids, mask)
+                    teacher = dict(teacher_hidden=t_hidden[:, :-1], teacher_weight=t_head.weight, teacher_bias=t_head.bias)
+                else:
+                    teacher = dict(teacher_topk=(topk[0][:, :-1], topk[1][:, :-1]))
+                kw = {k: v for k, v in self.loss_kwargs.items() if k != "ce_weight"}
+                if topk is None:
+                    kw.pop("topk_rest", None)
+                fn = LM_LOSSES[self.method]
+
+                def f(**extra):
+                    return float(fn(hidden[:, :-1], head.weight, target=target, bias=head.bias, **teacher, **{**kw, **extra}))
+
+                distill, with_ce = f(ce_weight=0.0), f(ce_weight=1.0)
+                parts = {"loss_ce": with_ce - distill}
+                if self.method == "nkd":
+                    tgt = f(ce_weight=0.0, gamma=0.0)
+                    parts.update(loss_target=tgt, loss_non_target=distill - tgt)
+                else:
+                    parts["loss_kd"] = distill
+            for k, v in parts.items():
+                self._parts.setdefault(k, []).append(v)
+
+        def log(self, logs, *args, **kwargs):
+            if "loss" in logs and self._parts:
+                logs = {**logs, **{k: sum(v) / len(v) for k, v in self._parts.items()}}
+                self._parts = {}
+            return super().log(logs, *args, **kwargs)
+
+    DistillationTrainer.__qualname__ = DistillationTrainer.__name__
+    return DistillationTrainer
+
+
+_LAZY: dict[str, type] = {}
+
+
+def __getattr__(name: str):
+    """``DistillationTrainer`` is built on first access, so that importing this module does not
+    import ``transformers``."""
+    if name == "DistillationTrainer":
+        if name not in _LAZY:
+            from transformers import Trainer
+
+            _LAZY[name] = _make_distillation_trainer(Trainer)
+        return _LAZY[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
