@@ -187,28 +187,13 @@ def distillation_loss(
     ``num_items_in_batch`` is given, as ``transformers.Trainer`` passes it — their sum divided by
     it (the Trainer's normalization for gradient accumulation).
     """
-    if method not in LM_LOSSES:
-        raise ValueError(f"method must be one of {sorted(LM_LOSSES)}, got {method!r}")
-    if "reduction" in loss_kwargs:
-        raise ValueError("reduction is set by distillation_loss (mean, or sum / num_items_in_batch)")
-    target = shift_labels(input_ids, attention_mask, labels, ignore_index)
-    _check_model("student", _unwrap(student))
+    target, reduction = _prepare("distillation_loss", student, method, loss_kwargs, input_ids, attention_mask, labels,
+                                 ignore_index, num_items_in_batch)
     _check_model("teacher", _unwrap(teacher))
-    check_causal("student", student, input_ids)
     check_causal("teacher", teacher, input_ids)
-    valid = None
-    if num_items_in_batch is not None:
-        n_items = int(num_items_in_batch.item() if isinstance(num_items_in_batch, Tensor) else num_items_in_batch)
-        valid = int((target != ignore_index).sum())
-        if n_items < valid:
-            raise ValueError(
-                f"num_items_in_batch must count the valid next-token positions of the whole (accumulated) batch, at least "
-                f"this batch's {valid}, got {n_items}"
-            )
     hidden, head = causal_lm_hidden(student, input_ids, attention_mask)
     with torch.no_grad():
         t_hidden, t_head = causal_lm_hidden(teacher, input_ids, attention_mask)
-    reduction = "mean" if num_items_in_batch is None else "sum"
     loss = LM_LOSSES[method](
         hidden[:, :-1],
         head.weight,
@@ -221,11 +206,39 @@ def distillation_loss(
         reduction=reduction,
         **loss_kwargs,
     )
+    return _per_item(loss, num_items_in_batch)
+
+
+def _prepare(fname: str, student: nn.Module, method: str, loss_kwargs: dict, input_ids: Tensor,
+             attention_mask: Tensor | None, labels: Tensor | None, ignore_index: int,
+             num_items_in_batch: Tensor | int | None) -> tuple[Tensor, str]:
+    """The checks both LM losses share (method, reduction, a causal student, ``num_items_in_batch``)
+    and the next-token targets; returns ``(target, reduction)``."""
+    if method not in LM_LOSSES:
+        raise ValueError(f"method must be one of {sorted(LM_LOSSES)}, got {method!r}")
+    if "reduction" in loss_kwargs:
+        raise ValueError(f"reduction is set by {fname} (mean, or sum / num_items_in_batch)")
+    target = shift_labels(input_ids, attention_mask, labels, ignore_index)
+    _check_model("student", _unwrap(student))
+    check_causal("student", student, input_ids)
     if num_items_in_batch is not None:
-        # 0 when no position of the whole (accumulated) batch is valid: the sum is 0 then, and 0/0 would be NaN
-        n = num_items_in_batch.clamp(min=1) if isinstance(num_items_in_batch, Tensor) else max(num_items_in_batch, 1)
-        loss = loss / n
-    return loss
+        n_items = int(num_items_in_batch.item() if isinstance(num_items_in_batch, Tensor) else num_items_in_batch)
+        valid = int((target != ignore_index).sum())
+        if n_items < valid:
+            raise ValueError(
+                f"num_items_in_batch must count the valid next-token positions of the whole (accumulated) batch, at least "
+                f"this batch's {valid}, got {n_items}"
+            )
+    return target, "mean" if num_items_in_batch is None else "sum"
+
+
+def _per_item(loss: Tensor, num_items_in_batch: Tensor | int | None) -> Tensor:
+    """``sum / num_items_in_batch`` (the Trainer's normalization for gradient accumulation), or the mean as is.
+    0 when no position of the whole (accumulated) batch is valid: the sum is 0 then, and 0/0 would be NaN."""
+    if num_items_in_batch is None:
+        return loss
+    n = num_items_in_batch.clamp(min=1) if isinstance(num_items_in_batch, Tensor) else max(num_items_in_batch, 1)
+    return loss / n
 
 
 def topk_distillation_loss(
@@ -243,24 +256,17 @@ def topk_distillation_loss(
     """As :func:`distillation_loss`, with a sparse teacher: ``teacher_topk = (ids, logprobs)``
     ``[B, T, k]`` per input position (e.g. ``TeacherCache.topk``); position ``i``'s entry is the
     teacher's distribution of token ``i + 1``, so the last position's is unused."""
-    if method not in LM_LOSSES:
-        raise ValueError(f"method must be one of {sorted(LM_LOSSES)}, got {method!r}")
-    if "reduction" in loss_kwargs:
-        raise ValueError("reduction is set by topk_distillation_loss (mean, or sum / num_items_in_batch)")
     ids, lp = teacher_topk
     if ids.shape[:2] != input_ids.shape:
         raise ValueError(f"teacher_topk must be [B, T, k] for input_ids {tuple(input_ids.shape)}, got {tuple(ids.shape)}")
-    target = shift_labels(input_ids, attention_mask, labels, ignore_index)
+    target, reduction = _prepare("topk_distillation_loss", student, method, loss_kwargs, input_ids, attention_mask, labels,
+                                 ignore_index, num_items_in_batch)
     hidden, head = causal_lm_hidden(student, input_ids, attention_mask)
-    reduction = "mean" if num_items_in_batch is None else "sum"
     loss = LM_LOSSES[method](
         hidden[:, :-1], head.weight, target=target, bias=head.bias, teacher_topk=(ids[:, :-1], lp[:, :-1]),
         ignore_index=ignore_index, reduction=reduction, **loss_kwargs,
     )
-    if num_items_in_batch is not None:
-        n = num_items_in_batch.clamp(min=1) if isinstance(num_items_in_batch, Tensor) else max(num_items_in_batch, 1)
-        loss = loss / n
-    return loss
+    return _per_item(loss, num_items_in_batch)
 
 
 _DISTILLATION_TRAINER_DOC = """\
