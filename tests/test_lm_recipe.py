@@ -57,7 +57,9 @@ def test_cache_then_train_writes_a_run_that_nkd_report_reads(workdir, capsys, tm
     assert s["teacher"] == "cache" and s["data"]["top_k"] == 8 and s["last_top1"] == rows[-1]["top1"]
     assert "step 6/6" in (run / "train.log").read_text() and not (run / ".nkd.lock").exists()
     write_report([run], tmp_path / "rep")
-    assert "nkd" in (tmp_path / "rep" / "report.md").read_text()
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "nkd" in md and "| perplexity |" in md.replace(" | Δ perplexity (paired)", "")  # an LM run has a perplexity column
+    assert f"{s['perplexity']:.2f}" in md
     # a second fresh start in the same run directory is refused
     assert main(["lm", "train", str(_config(workdir, "a"))]) == 2
     assert "--resume" in capsys.readouterr().err

@@ -47,6 +47,7 @@ def method_order() -> list[str]:
 
     return list(METHODS)
 KEYS = ("best_top1", "last_top1")
+LM_KEYS = ("perplexity",)  # language-model runs (nkd lm train): validation perplexity, lower is better
 
 
 class ReportError(ValueError):
@@ -210,7 +211,7 @@ def _load(run: Path) -> tuple[dict, list[tuple[int, float]]]:
     missing = [k for k in ("method", "student", "seed") if k not in s]
     if missing:
         raise ReportError(f"{run / 'summary.json'}: missing {', '.join(missing)} (not an nkd run summary?)")
-    for k in KEYS:
+    for k in KEYS + LM_KEYS:
         v = s.get(k)
         if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v)):
             raise ReportError(f"{run / 'summary.json'}: {k} must be a finite number or null, got {v!r}")
@@ -329,7 +330,9 @@ def _cell(text: str) -> str:
 
 def _table_md(t: Table) -> str:
     subset = any(g.train_subset is not None for g in t.groups)
-    head = ["run", "seeds", "best top-1", "last top-1", "Δ best (paired)", "Δ last (paired)", "hyper-parameters"]
+    lm = [k for k in LM_KEYS if any(r.get(k) is not None for g in t.groups for r in g.runs)]
+    head = ["run", "seeds", "best top-1", "last top-1", "Δ best (paired)", "Δ last (paired)"]
+    head += [x for k in lm for x in (k, f"Δ {k} (paired)")] + ["hyper-parameters"]
     head += ["train subset"] * subset + ["epochs"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in t.groups:
@@ -338,7 +341,11 @@ def _table_md(t: Table) -> str:
         else:
             deltas = [g.paired(t.reference, k).cell(sign=True, show_n=True) for k in KEYS]
             deltas = [d if d != "—" else "— (no shared seed)" for d in deltas]
-        cells = [g.name, str(len(g.runs)), *(g.values(k).cell() for k in KEYS), *deltas, params_text(g.params)]
+        extra = []
+        for k in lm:
+            d = "ref" if g is t.reference else g.paired(t.reference, k).cell(sign=True, show_n=True)
+            extra += [g.values(k).cell(), d if d != "—" else "— (no shared seed)"]
+        cells = [g.name, str(len(g.runs)), *(g.values(k).cell() for k in KEYS), *deltas, *extra, params_text(g.params)]
         cells += [_fmt(g.train_subset) if g.train_subset is not None else "all"] * subset
         cells += [_fmt(g.epochs) if g.epochs is not None else "?"]
         lines.append("| " + " | ".join(map(_cell, cells)) + " |")
@@ -374,7 +381,7 @@ def report_json(tables: list[Table], title: str) -> dict[str, Any]:
             "name": g.name, "label": g.label, "method": g.method, "student": g.student, "teacher": g.teacher,
             "method_params": g.params, "epochs": g.epochs, "train_subset": g.train_subset,
             "seeds": [r["seed"] for r in g.runs], "n": len(g.runs), "reference": g is t.reference,
-            **{k: g.values(k).to_json() for k in KEYS},
+            **{k: g.values(k).to_json() for k in KEYS + LM_KEYS if k in KEYS or g.values(k).n},
             **{f"paired_{k}": None if g is t.reference else g.paired(t.reference, k).to_json() for k in KEYS},
             "runs": [r["dir"] for r in g.runs],
         }
