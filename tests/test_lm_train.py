@@ -146,3 +146,30 @@ def test_trainer_logs_the_loss_parts_and_they_add_up(tmp_path, method, parts):
         if method == "nkd" else None
     if ref is not None:
         assert math.isclose(row["loss_target"], float(ref.detach()), rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("source", ["cache", "live"])
+def test_distillation_trainer_with_gradient_accumulation_is_one_step_on_the_whole_batch(tmp_path, source):
+    pytest.importorskip("accelerate")
+    from nkd.integrations.hf import DistillationTrainer
+
+    teacher, blocks = tiny_llama(), tiny_blocks(n=4)
+    mask = torch.ones_like(blocks)
+    mask[1, -blocks.shape[1] // 2:] = 0  # the micro-batches hold different numbers of valid tokens, so a mean of
+    mask[2, -2:] = 0                      # per-micro-batch means would differ from the mean over the whole batch
+    cache = write_teacher_cache(teacher, blocks, tmp_path / "cache", top_k=8, attention_mask=mask, batch_size=4)
+    # expected: one SGD step (lr 1) on the mean NKD+CE over every valid token of the 4 blocks
+    ref = tiny_llama(hidden=16, layers=1, seed=3)
+    ids, lp = cache.topk(slice(0, 4))
+    labels = blocks.masked_fill(mask == 0, -100)
+    loss = topk_distillation_loss(ref, (ids, lp), blocks, mask, labels, ce_weight=1.0)
+    grads = torch.autograd.grad(loss, list(ref.parameters()))
+    expected = [p.detach() - g for p, g in zip(ref.parameters(), grads)]
+    student = tiny_llama(hidden=16, layers=1, seed=3)
+    args = _args(tmp_path, max_steps=1, per_device_train_batch_size=2, gradient_accumulation_steps=2, learning_rate=1.0,
+                 optim="sgd", lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0)
+    teacher_kw = {"cache": cache} if source == "cache" else {"teacher": teacher, "top_k": 8}
+    DistillationTrainer(model=student, args=args, train_dataset=cache_dataset(blocks, attention_mask=mask), method="nkd",
+                        ce_weight=1.0, **teacher_kw).train()
+    for (name, p), e in zip(student.named_parameters(), expected):
+        torch.testing.assert_close(p.detach(), e, rtol=1e-4, atol=1e-5, msg=name)
