@@ -173,3 +173,36 @@ def test_distillation_trainer_with_gradient_accumulation_is_one_step_on_the_whol
                         ce_weight=1.0, **teacher_kw).train()
     for (name, p), e in zip(student.named_parameters(), expected):
         torch.testing.assert_close(p.detach(), e, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_distillation_trainer_on_two_processes_is_one_step_on_the_global_batch(tmp_path):
+    """torchrun, 2 CPU processes (gloo), 2 blocks each of unequal valid-token counts = one SGD step on
+    the mean over the 4 blocks' valid tokens."""
+    pytest.importorskip("accelerate")
+    import os
+    import sys
+    from pathlib import Path
+
+    import procs
+
+    teacher, blocks = tiny_llama(), tiny_blocks(n=4)
+    mask = torch.ones_like(blocks)
+    mask[1, -blocks.shape[1] // 2:] = 0
+    mask[2, -2:] = 0
+    cache = write_teacher_cache(teacher, blocks, tmp_path / "cache", top_k=8, attention_mask=mask, batch_size=4)
+    torch.save((blocks, mask), tmp_path / "blocks.pt")
+    ref = tiny_llama(hidden=16, layers=1, seed=3)
+    ids, lp = cache.topk(slice(0, 4))
+    loss = topk_distillation_loss(ref, (ids, lp), blocks, mask, blocks.masked_fill(mask == 0, -100), ce_weight=1.0)
+    grads = torch.autograd.grad(loss, list(ref.parameters()))
+    expected = {n: p.detach() - g for (n, p), g in zip(ref.named_parameters(), grads)}
+    worker = Path(__file__).resolve().parent / "lm_ddp_worker.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker),
+           str(tmp_path / "cache"), str(tmp_path / "student.pt")]
+    res = procs.run(cmd, env=procs.nkd_env(OMP_NUM_THREADS="1"), capture_output=True)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    got = torch.load(tmp_path / "student.pt")
+    for name, e in expected.items():
+        torch.testing.assert_close(got[name], e, rtol=1e-4, atol=1e-5, msg=name)
+    assert os.path.getsize(tmp_path / "student.pt") > 0
