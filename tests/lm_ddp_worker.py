@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lm_tiny import tiny_llama  # noqa: E402
 from transformers import TrainingArguments  # noqa: E402
 
+from lm_tiny import tiny_llama  # noqa: E402
 from nkd.integrations.hf import DistillationTrainer  # noqa: E402
 from nkd.lm import TeacherCache, cache_dataset  # noqa: E402
 
