@@ -31,6 +31,7 @@ import inspect
 import warnings
 import weakref
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -60,13 +61,58 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+class LMHead(NamedTuple):
+    """The LM head the fused losses see: ``logits = hidden @ weight.T + bias``."""
+
+    weight: Tensor
+    bias: Tensor | None
+
+
+def _lora_parts(name: str, head: nn.Module) -> list[tuple[nn.Module, nn.Module, float]] | None:
+    """``[(A, B, scaling)]`` of a PEFT LoRA layer wrapping an ``nn.Linear`` head (``None`` if ``head``
+    is not one); refuses what the effective weight ``W + s·B·A`` cannot express."""
+    base = getattr(head, "base_layer", None)
+    if not (isinstance(base, nn.Linear) and hasattr(head, "lora_A") and hasattr(head, "lora_B")):
+        return None
+    if getattr(head, "disable_adapters", False) or getattr(head, "merged", False):
+        return []  # the base layer is the head (adapters off, or already merged into it)
+    parts = []
+    for a in getattr(head, "active_adapters", []):
+        if a not in head.lora_A:
+            continue
+        if getattr(head, "fan_in_fan_out", False) or len(getattr(head, "lora_magnitude_vector", {}) or {}) or \
+                (getattr(head, "lora_bias", {}) or {}).get(a, False):
+            raise ValueError(f"{name}'s LoRA LM head uses DoRA, a LoRA bias or fan_in_fan_out: the fused losses take "
+                             "W + s·B·A only (plain LoRA)")
+        drop = head.lora_dropout[a]
+        if head.training and isinstance(drop, nn.Dropout) and drop.p > 0:
+            raise ValueError(f"{name}'s LoRA LM head has lora_dropout={drop.p} in training: dropout on the head's input "
+                             "is not a weight, so the fused losses cannot apply it; use lora_dropout=0 for lm_head")
+        parts.append((head.lora_A[a], head.lora_B[a], float(head.scaling[a])))
+    return parts
+
+
+def _effective_head(name: str, head: nn.Module) -> nn.Linear | LMHead:
+    """An ``nn.Linear`` head as it is, or a LoRA head as ``W + Σ_a s_a·B_a A_a`` (gradients reach
+    ``A`` and ``B`` through this weight)."""
+    if isinstance(head, nn.Linear) and _lora_parts(name, head) is None:
+        return head
+    parts = _lora_parts(name, head)
+    if parts is None:
+        raise TypeError(f"{name}'s output embeddings must be an nn.Linear LM head (or a PEFT LoRA layer on one), "
+                        f"got {type(head).__name__}")
+    weight = head.base_layer.weight
+    for lora_a, lora_b, scale in parts:
+        weight = weight + scale * (lora_b.weight @ lora_a.weight)
+    return LMHead(weight, head.base_layer.bias)
+
+
 def _check_model(name: str, inner: nn.Module) -> tuple[nn.Module, nn.Module]:
     for attr in ("get_decoder", "get_output_embeddings"):
         if not callable(getattr(inner, attr, None)):
             raise TypeError(f"{name} must be a transformers causal LM (it has no {attr}()), got {type(inner).__name__}")
     head = inner.get_output_embeddings()
-    if not isinstance(head, nn.Linear):
-        raise TypeError(f"{name}'s output embeddings must be an nn.Linear LM head, got {type(head).__name__}")
+    _effective_head(name, head)  # a head the fused losses can take
     config = getattr(inner, "config", None)
     # multimodal models keep their language model's settings in a sub-config (get_text_config())
     configs = [config] + [getattr(config, sub) for sub in ("text_config", "decoder", "generator") if getattr(config, sub, None) is not None]
@@ -115,26 +161,31 @@ def check_causal(name: str, model: nn.Module, input_ids: Tensor) -> None:
 
 def causal_lm_hidden(
     model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None, **forward_kwargs
-) -> tuple[Tensor, nn.Linear]:
-    """Final hidden states ``[B, T, H]`` of a causal LM and its LM head, without the full logits.
+) -> tuple[Tensor, nn.Linear | LMHead]:
+    """Final hidden states ``[B, T, H]`` of a causal LM and its LM head (``.weight``, ``.bias``),
+    without the full logits.
 
-    ``model`` may be wrapped (DDP); it is called through its own forward with
-    ``logits_to_keep=1`` and ``use_cache=False``; extra keyword arguments go to that forward.
+    ``model`` may be wrapped (DDP, a PEFT model); it is called through its own forward with
+    ``logits_to_keep=1`` and ``use_cache=False`` (a PEFT model passes them to its base model);
+    extra keyword arguments go to that forward. A LoRA layer on the LM head is returned as its
+    effective weight ``W + s·B·A`` (:class:`LMHead`), so the fused loss's gradient reaches ``A`` and ``B``.
     """
     inner = _unwrap(model)
-    decoder, head = _check_model("model", inner)
+    decoder, head_module = _check_model("model", inner)
+    head = _effective_head("model", head_module)
     captured: list[Tensor] = []
 
     def hook(_module, _args, output):
         captured.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
 
     kwargs = dict(forward_kwargs)
-    params = inspect.signature(inner.forward).parameters
+    base = inner.get_base_model() if callable(getattr(inner, "get_base_model", None)) else inner  # PEFT: the model inside
+    params = inspect.signature(base.forward).parameters
     if "logits_to_keep" in params:
         kwargs.setdefault("logits_to_keep", 1)
     else:
         warnings.warn(
-            f"{type(inner).__name__}.forward has no logits_to_keep: its full logits are computed (and dropped)", stacklevel=2
+            f"{type(base).__name__}.forward has no logits_to_keep: its full logits are computed (and dropped)", stacklevel=2
         )
     if "use_cache" in params:
         kwargs.setdefault("use_cache", False)
