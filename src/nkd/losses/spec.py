@@ -33,19 +33,13 @@ from ..registry import Registry
 from ..typed import collect
 from ._common import REDUCTIONS, Rows, check_nonnegative, check_positive, check_range
 
-__all__ = ["LossSpec", "RowOut", "hp", "positive", "nonnegative", "in_range", "one_of", "LOSSES", "LOSS_SPECS", "register_loss",
+__all__ = ["Checked", "LossSpec", "RowOut", "hp", "positive", "nonnegative", "in_range", "one_of", "LOSSES", "LOSS_SPECS", "register_loss",
            "Input"]
 
 
 # ----------------------------------------------------------------------------- hyper-parameters
-def positive(name: str, value: Any) -> None:
-    """A finite number > 0."""
-    check_positive(name, value)
-
-
-def nonnegative(name: str, value: Any) -> None:
-    """A finite number >= 0."""
-    check_nonnegative(name, value)
+positive = check_positive  # a check: a finite number > 0
+nonnegative = check_nonnegative  # a check: a finite number >= 0
 
 
 def in_range(lo: float, hi: float, lo_open: bool = False, hi_open: bool = True) -> Callable[[str, Any], None]:
@@ -103,7 +97,22 @@ _COMMON_DOCS = {
 
 
 @dataclass
-class LossSpec:
+class Checked:
+    """A dataclass whose fields declared with :func:`hp` check themselves when it is built; every
+    failure is reported at once (:class:`nkd.typed.Problems`). The base of loss specs and of the
+    training methods' parameters."""
+
+    def __post_init__(self) -> None:
+        collect(*self.checks())
+
+    def checks(self) -> Iterable[tuple]:
+        """``(check, name, value)`` for every field declared with a check (subclasses may add cross-checks)."""
+        return [(f.metadata["check"], f.name, getattr(self, f.name)) for f in dataclasses.fields(self)
+                if "check" in f.metadata]
+
+
+@dataclass
+class LossSpec(Checked):
     """Base of every loss spec; see the module docstring for the contract.
 
     Class attributes a spec sets:
@@ -135,14 +144,6 @@ class LossSpec:
     parts: ClassVar[tuple[str, ...]] = ()
     extra: ClassVar[tuple[Input, ...]] = ()
     returns: ClassVar[str] = "the loss, float32 (float64 for float64 input)"
-
-    def __post_init__(self) -> None:
-        collect(*self.checks())
-
-    def checks(self) -> Iterable[tuple]:
-        """``(check, name, value)`` for every field declared with a check (subclasses may add cross-checks)."""
-        return [(f.metadata["check"], f.name, getattr(self, f.name)) for f in dataclasses.fields(self)
-                if "check" in f.metadata]
 
     @classmethod
     def hyper_parameters(cls) -> list[dataclasses.Field]:

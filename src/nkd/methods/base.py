@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..losses.dense import dense_loss
-from ..losses.spec import hp, nonnegative
+from ..losses.spec import Checked, hp, nonnegative
 from ..registry import Registry
-from ..typed import build_dataclass, collect
+from ..typed import build_dataclass
 
 METHODS = Registry("method")
 TEACHER_OUTPUTS = ("logits", "features")
@@ -55,12 +55,9 @@ def ce(logits: Tensor, target: Tensor) -> Tensor:
 
 
 @dataclasses.dataclass
-class Params:
-    """Parameters of a method without any (``ce``); methods built on a loss subclass its spec."""
-
-    def __post_init__(self) -> None:
-        collect(*[(f.metadata["check"], f.name, getattr(self, f.name)) for f in dataclasses.fields(self)
-                  if "check" in f.metadata])
+class Params(Checked):
+    """Parameters of a method without any (``ce``); methods built on a loss subclass its spec
+    (also a :class:`~nkd.losses.spec.Checked`)."""
 
 
 def ce_weight(default: float) -> Any:
