@@ -166,22 +166,26 @@ def parse_rows(logits: Tensor, target: Tensor, ignore_index: int = -100, name: s
         return Rows(flat, index, valid, soft, lead)
     if target.dtype == torch.bool or target.is_complex():
         raise TypeError(f"target must be int64 class indices or float soft labels, got dtype {target.dtype}")
-    if target.shape != lead:
-        raise ValueError(
-            f"hard target must have shape {tuple(lead)} (the leading dims of {name} {tuple(logits.shape)}), "
-            f"got {tuple(target.shape)}"
-        )
-    t = target.reshape(-1).long()
+    t = hard_labels(target, lead, c, ignore_index, of="hard target", lead_of=f"{name} {tuple(logits.shape)}")
     valid = t != ignore_index
-    if t.numel() and _VALUE_CHECKS.get():
-        bad = valid & ((t < 0) | (t >= c))
-        if bool(bad.any()):
-            first = int(t[bad][0])
-            raise ValueError(
-                f"target labels must lie in [0, {c}) or equal ignore_index={ignore_index}; found {first}"
-            )
     index = torch.where(valid, t, torch.zeros_like(t))
     return Rows(flat, index, valid, None, lead)
+
+
+def hard_labels(target: Tensor, lead: torch.Size, num_classes: int, ignore_index: int, *, of: str = "target",
+                lead_of: str = "logits", what: str = "labels") -> Tensor:
+    """Flat int64 labels ``[M]`` of an integer ``target``, checked once for every loss (dense and
+    fused): shape ``lead`` (the leading dims of ``lead_of``), values in ``[0, num_classes)`` or
+    ``ignore_index`` (the value check is skipped inside ``value_checks(False)``)."""
+    if target.shape != lead:
+        raise ValueError(f"{of} must have shape {tuple(lead)} (the leading dims of {lead_of}), got {tuple(target.shape)}")
+    t = target.detach().reshape(-1).long()
+    if t.numel() and _VALUE_CHECKS.get():
+        bad = (t != ignore_index) & ((t < 0) | (t >= num_classes))
+        if bool(bad.any()):
+            raise ValueError(f"target {what} must lie in [0, {num_classes}) or equal ignore_index={ignore_index}; "
+                             f"found {int(t[bad][0])}")
+    return t
 
 
 def kl_terms(log_p: Tensor, log_q: Tensor) -> Tensor:

@@ -92,16 +92,7 @@ def _parse_target(target: Tensor | None, lead: torch.Size, vocab: int, ignore_in
         raise TypeError(f"target must be a torch.Tensor of int64 token ids, got {type(target).__name__}")
     if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
         raise TypeError(f"target must hold integer token ids (hard labels only), got dtype {target.dtype}")
-    if target.shape != lead:
-        raise ValueError(f"target must have shape {tuple(lead)} (the leading dims of hidden), got {tuple(target.shape)}")
-    t = target.detach().reshape(-1).long()
-    if t.numel() and _common.value_checks_enabled():
-        bad = (t != ignore_index) & ((t < 0) | (t >= vocab))
-        if bool(bad.any()):
-            raise ValueError(
-                f"target token ids must lie in [0, {vocab}) or equal ignore_index={ignore_index}; found {int(t[bad][0])}"
-            )
-    return t
+    return _common.hard_labels(target, lead, vocab, ignore_index, lead_of="hidden", what="token ids")
 
 
 def _take(x: Tensor, sel: slice | Tensor) -> Tensor:
