@@ -28,7 +28,7 @@ from ._common import Rows, compute_dtype
 from .spec import LossSpec, common_checks
 
 __all__ = ["LinearTeacher", "DenseTeacher", "TopKTeacher", "make_teacher", "fused_linear_loss", "default_chunk_size",
-           "TOPK_REST"]
+           "TOPK_REST", "check_settings", "check_topk_rest"]
 
 TOPK_REST = ("zero", "uniform")
 _CHUNK_ELEMENTS = 2**23  # one [chunk, V] float32 buffer ≈ 32 MiB
@@ -75,6 +75,23 @@ def _check_lead(name: str, x: Tensor, lead: torch.Size, what: str) -> None:
             f"{name} must have leading shape {tuple(lead)} (the leading dims of hidden), "
             f"got {tuple(x.shape)} ({what})"
         )
+
+
+def check_topk_rest(topk_rest: object) -> None:
+    """``topk_rest`` must be one of :data:`TOPK_REST`."""
+    if topk_rest not in TOPK_REST:
+        raise ValueError(f"topk_rest must be one of {TOPK_REST}, got {topk_rest!r}")
+
+
+def check_settings(spec: LossSpec, ce_weight: float, ignore_index: int, reduction: str, chunk_size: int | None) -> None:
+    """The settings of a fused call, checked once for the calls and for the modules' constructors:
+    a row-wise spec, ``ce_weight`` ≥ 0, ``reduction`` and ``ignore_index`` (:func:`common_checks`),
+    ``chunk_size`` a positive int or ``None``."""
+    if not spec.row_wise:
+        raise ValueError(f"{spec.name} couples the rows of a batch, so it cannot be chunked over tokens")
+    _common.check_nonnegative("ce_weight", ce_weight)
+    common_checks(spec, reduction, ignore_index)
+    _check_chunk_size(chunk_size)
 
 
 def _check_chunk_size(chunk_size: object) -> None:
@@ -183,8 +200,7 @@ class TopKTeacher:
 
     def prepare(self, lead: torch.Size, vocab: int, device: torch.device, min_k: int) -> TopKTeacher:
         """Check ids, log-probabilities and ``k`` against the student's rows and flatten (detached)."""
-        if self.rest not in TOPK_REST:
-            raise ValueError(f"topk_rest must be one of {TOPK_REST}, got {self.rest!r}")
+        check_topk_rest(self.rest)
         ids, lp = self.ids, self.logprobs
         if not isinstance(ids, Tensor) or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
             raise TypeError(f"teacher_topk ids must be an integer tensor [..., k], got {getattr(ids, 'dtype', type(ids).__name__)}")
@@ -239,8 +255,7 @@ def make_teacher(teacher_hidden: Tensor | None = None, teacher_weight: Tensor | 
     """The teacher object for the keyword forms of the fused functions: exactly one of
     ``teacher_hidden`` + ``teacher_weight`` (+ ``teacher_bias``), ``teacher_logits``, or
     ``teacher_topk = (ids, logprobs)`` (with ``topk_rest``)."""
-    if topk_rest not in TOPK_REST:
-        raise ValueError(f"topk_rest must be one of {TOPK_REST}, got {topk_rest!r}")
+    check_topk_rest(topk_rest)
     given = [name for name, ok in (("teacher_hidden/teacher_weight", teacher_hidden is not None or teacher_weight is not None),
                                    ("teacher_logits", teacher_logits is not None),
                                    ("teacher_topk", teacher_topk is not None)) if ok]
@@ -268,15 +283,25 @@ def make_teacher(teacher_hidden: Tensor | None = None, teacher_weight: Tensor | 
 # ----------------------------------------------------------------------------- a spec's rows in a chunk
 def _spec_rows(spec: LossSpec, ce_weight: float) -> Callable:
     """``(z, u, idx, need_grad) -> (loss [c], G [c, V] | None)`` for a chunk (every row valid):
-    the spec's analytic rows (with the CE term fused where the spec takes ``ce_weight``), or
-    autograd over the chunk's rows plus the CE term."""
-    fuses_ce = "ce_weight" in spec.rows.__code__.co_varnames
+    the spec's analytic rows — with the CE term fused where the spec says so (``fuses_ce``),
+    otherwise added here with its gradient ``w(S − e_t)`` — or autograd over the chunk's rows
+    plus the CE term."""
 
     def analytic(z, u, idx, need_grad):
         r = Rows(z, idx, None, None, z.shape[:1])
-        kw = {"ce_weight": ce_weight} if fuses_ce else {}
-        out = spec.rows(z, u, r, need_grad, **kw)
-        return out.loss, out.grad
+        if spec.fuses_ce:
+            out = spec.rows(z, u, r, need_grad, ce_weight=ce_weight)
+            return out.loss, out.grad
+        out = spec.rows(z, u, r, need_grad)
+        loss, grad = out.loss, out.grad
+        if ce_weight:
+            col = idx[:, None]
+            lse = torch.logsumexp(z, -1, keepdim=True)
+            loss = loss + ce_weight * (lse - z.gather(1, col)).squeeze(1)
+            if grad is not None:
+                grad.add_(torch.sub(z, lse).exp_(), alpha=ce_weight)
+                grad.scatter_add_(1, col, torch.full_like(lse, -ce_weight))
+        return loss, grad
 
     def by_autograd(z, u, idx, need_grad):
         r = Rows(z, idx, None, None, z.shape[:1])
@@ -428,11 +453,7 @@ def fused_linear_loss(spec: LossSpec, hidden: Tensor, weight: Tensor, teacher: T
         bias: optional student head bias ``[V]``.  ce_weight: w ≥ 0 of the cross-entropy.
         ignore_index, reduction, chunk_size: as in :func:`nkd.losses.fused_linear_nkd_loss`.
     """
-    if not spec.row_wise:
-        raise ValueError(f"{spec.name} couples the rows of a batch, so it cannot be chunked over tokens")
-    _common.check_nonnegative("ce_weight", ce_weight)
-    common_checks(spec, reduction, ignore_index)
-    _check_chunk_size(chunk_size)
+    check_settings(spec, ce_weight, ignore_index, reduction, chunk_size)
     if target is None and (spec.target == "required" or ce_weight):
         if ce_weight:
             raise ValueError("target is required when ce_weight > 0 (the cross-entropy needs the next-token ids)")

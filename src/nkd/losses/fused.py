@@ -70,7 +70,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .chunked import TOPK_REST, default_chunk_size, fused_linear_loss, make_teacher
+from .chunked import TOPK_REST, check_settings, check_topk_rest, default_chunk_size, fused_linear_loss, make_teacher
 from .dkd import DKD
 from .jsd import JSD
 from .kd import KD
@@ -159,8 +159,10 @@ def fused_forms(spec: type[LossSpec], function: str, module: str, **defaults: An
         a = init_sig.bind(self, *args, **kwargs)
         a.apply_defaults()
         self.settings = {k: v for k, v in a.arguments.items() if k != "self"}
-        _check_module(spec(**{n: self.settings[n] for n in hyper}), **{k: self.settings[k] for k in (
-            "ce_weight", "topk_rest", "ignore_index", "reduction", "chunk_size")})
+        st = self.settings  # checked at construction by the same checks its calls run
+        check_settings(spec(**{n: st[n] for n in hyper}), st["ce_weight"], st["ignore_index"], st["reduction"],
+                       st["chunk_size"])
+        check_topk_rest(st["topk_rest"])
         for k, v in self.settings.items():
             setattr(self, k, v)
 
@@ -181,18 +183,6 @@ def fused_forms(spec: type[LossSpec], function: str, module: str, **defaults: An
     cls = type(module, (nn.Module,), {"__init__": __init__, "forward": forward, "extra_repr": extra_repr,
                                       "__doc__": doc, "__module__": __name__})
     return loss_fn, cls
-
-
-def _check_module(spec, ce_weight: float, topk_rest: str, ignore_index: int, reduction: str, chunk_size: int | None) -> None:
-    """A fused module's settings, checked at construction by the same checks its calls run."""
-    from . import _common, chunked
-    from .spec import common_checks
-
-    _common.check_nonnegative("ce_weight", ce_weight)
-    if topk_rest not in TOPK_REST:
-        raise ValueError(f"topk_rest must be one of {TOPK_REST}, got {topk_rest!r}")
-    common_checks(spec, reduction, ignore_index)
-    chunked._check_chunk_size(chunk_size)
 
 
 fused_linear_nkd_loss, FusedLinearNKDLoss = fused_forms(NKD, "fused_linear_nkd_loss", "FusedLinearNKDLoss")

@@ -50,7 +50,7 @@ class JSD(LossSpec):
                                                               "KL(S ‖ T), otherwise the β-skewed JSD (TRL's default 0.5)")
     temperature: float = hp(1.0, positive, "λ > 0, divides both logits (no λ² factor)")
 
-    def rows(self, z, u, r, need_grad, ce_weight: float = 0.0):
+    def rows(self, z, u, r, need_grad):
         lam, beta = float(self.temperature), float(self.beta)
         log_s = torch.log_softmax(z / lam, -1)
         log_t = torch.log_softmax(u / lam, -1)
@@ -64,10 +64,6 @@ class JSD(LossSpec):
             log_m = torch.logsumexp(torch.stack([log_t + math.log(beta), log_s + math.log1p(-beta)]), 0)
             loss = beta * _plogp_ratio(log_t, log_m, t) + (1 - beta) * _plogp_ratio(log_s, log_m, s)
             g = (log_s - log_m).mul_(1 - beta)
-        col = r.index[:, None]
-        if ce_weight:
-            lse = torch.logsumexp(z, -1, keepdim=True)
-            loss = loss + ce_weight * (lse - z.gather(1, col)).squeeze(1)
         if r.valid is not None:
             loss = torch.where(r.valid, loss, torch.zeros_like(loss))
         if not need_grad:
@@ -77,9 +73,6 @@ class JSD(LossSpec):
         else:
             g = g.masked_fill_(s == 0, 0.0)
             grad = s * (g - (s * g).sum(-1, keepdim=True)) / lam
-        if ce_weight:
-            grad.add_(torch.sub(z, lse).exp_(), alpha=ce_weight)
-            grad.scatter_add_(1, col, torch.full_like(lse, -ce_weight))
         if r.valid is not None:
             grad.mul_(r.valid[:, None])
         return RowOut(loss, grad)

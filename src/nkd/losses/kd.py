@@ -84,6 +84,7 @@ class KD(LossSpec):
     title = "Hinton's KD ``λ²·KL(softmax(u/λ) ‖ softmax(z/λ))``"
     target = "optional"
     target_doc = "int64 labels ``[...]`` or soft labels ``[..., C]``; only marks ``ignore_index`` rows to leave out"
+    fuses_ce = True
     temperature: float = hp(4.0, positive, "λ > 0; 4.0 = the CIFAR-100 CRD benchmark setting (RepDistiller/mdistiller), "
                                            "official cls_KD: 3 on CIFAR-100, 1 on ImageNet")
 

@@ -111,6 +111,7 @@ class NKD(LossSpec):
     gamma: float = hp(1.5, nonnegative, "γ ≥ 0, weight of the non-target term; 1.5 = ImageNet ResNet pairs, 1.0 = "
                                         "DeiT pairs, 3.5 = the official CIFAR-100 setting")
     dense_analytic = True
+    fuses_ce = True
     parts = ("target", "non_target")
 
     def min_topk(self, rest):

@@ -124,6 +124,8 @@ class LossSpec(Checked):
     * ``reductions``: the reductions it supports, and ``reductions_why`` if not all three;
     * ``row_wise``: each row's loss depends on that row only (so it can be chunked);
     * ``dense_analytic``: the dense form uses :meth:`rows`' analytic gradient instead of autograd;
+    * ``fuses_ce``: :meth:`rows` takes ``ce_weight`` and adds the cross-entropy in its own pass
+      (the chunked driver adds it otherwise);
     * ``parts``: names of the logged parts, in order; ``extra``: keyword-only tensor arguments.
     """
 
@@ -141,6 +143,7 @@ class LossSpec(Checked):
     reductions_why: ClassVar[str] = ""
     row_wise: ClassVar[bool] = True
     dense_analytic: ClassVar[bool] = False
+    fuses_ce: ClassVar[bool] = False
     parts: ClassVar[tuple[str, ...]] = ()
     extra: ClassVar[tuple[Input, ...]] = ()
     returns: ClassVar[str] = "the loss, float32 (float64 for float64 input)"
