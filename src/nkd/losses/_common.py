@@ -90,16 +90,6 @@ def check_logits(name: str, logits: Tensor, min_classes: int = 2) -> None:
         )
 
 
-def check_pair(student: Tensor, teacher: Tensor, names=("student_logits", "teacher_logits")) -> None:
-    check_logits(names[0], student)
-    check_logits(names[1], teacher)
-    if student.shape != teacher.shape:
-        raise ValueError(
-            f"{names[1]} must have the same shape as {names[0]}: "
-            f"got {tuple(teacher.shape)} vs {tuple(student.shape)}"
-        )
-
-
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -122,16 +112,6 @@ def check_range(name: str, value: float, lo: float, hi: float, lo_open: bool = F
     if not ok:
         interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
         raise ValueError(f"{name} must lie in {interval}, got {value!r}")
-
-
-def check_ignore_index(ignore_index: object) -> None:
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-
-
-def check_reduction(reduction: str) -> None:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
 def parse_rows(logits: Tensor, target: Tensor, ignore_index: int = -100, name: str = "logits") -> Rows:
