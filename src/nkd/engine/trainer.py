@@ -54,16 +54,14 @@ class GroupError(NonFiniteError):
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
-#: config keys that must agree for students to share batches and the teacher's output (declared on the
-#: config's fields: ``opt(..., shared=True)``)
-SHARED = LOCKSTEP_SHARED_KEYS
 
 
 def shared_settings(cfg: Config) -> dict[str, Any]:
-    """What a student shares with its lockstep group: :data:`SHARED`, plus the teacher (name,
+    """What a student shares with its lockstep group: :data:`nkd.config.LOCKSTEP_SHARED_KEYS`
+    (declared on the config's fields), plus the teacher (name,
     checkpoint, classes, constructor arguments) for methods that use one (``None`` otherwise)."""
     flat = flatten(cfg.to_dict())
-    out = {k: v for k, v in flat.items() if any(k == s or k.startswith(s + ".") for s in SHARED)}
+    out = {k: v for k, v in flat.items() if any(k == s or k.startswith(s + ".") for s in LOCKSTEP_SHARED_KEYS)}
     uses_teacher = cfg.method.name in METHODS and METHODS[cfg.method.name].needs_teacher()
     teacher = cfg.teacher.__dict__ if uses_teacher and cfg.teacher is not None else None
     out["teacher"] = None if teacher is None else {k: teacher[k] for k in ("name", "checkpoint", "num_classes",
