@@ -55,7 +55,6 @@ class GroupError(NonFiniteError):
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
-
 def shared_settings(cfg: Config) -> dict[str, Any]:
     """What a student shares with its lockstep group: :data:`nkd.config.LOCKSTEP_SHARED_KEYS`
     (declared on the config's fields), plus the teacher (name,
