@@ -103,3 +103,85 @@ def ref_dkd(z, u, t, alpha=1.0, beta=8.0, temperature=4.0):
     nt = F.softmax(u / temperature - 1000.0 * gt, 1)
     nckd = (torch.special.xlogy(nt, nt) - nt * ns).sum(1)
     return (alpha * tckd + beta * nckd) * temperature**2
+
+
+# ----------------------------------------------------------------------------- feature baselines
+# Written from the papers and the official code's formulas (FitNet, AT: Zagoruyko & Komodakis,
+# RKD: Park et al., ReviewKD: Chen et al.), with loops over samples / pairs / triplets.
+
+def ref_at(s_feats, t_feats, p=2.0):
+    """Σ_stages mean over (sample, position) of (a_s − a_t)², a = vec(mean_c f^p) / ‖·‖₂."""
+    total = 0.0
+    for s, t in zip(s_feats, t_feats):
+        side = min(s.shape[2], t.shape[2])
+        s, t = F.adaptive_avg_pool2d(s, side), F.adaptive_avg_pool2d(t, side)
+        for i in range(s.shape[0]):
+            a = s[i].pow(p).mean(0).flatten()
+            b = t[i].pow(p).mean(0).flatten()
+            a = a / a.norm().clamp_min(1e-12)
+            b = b / b.norm().clamp_min(1e-12)
+            total = total + ((a - b) ** 2).sum() / (s.shape[0] * a.numel())
+    return total
+
+
+def _huber(x):
+    return torch.where(x.abs() < 1, 0.5 * x * x, x.abs() - 0.5)
+
+
+def ref_rkd(s, t, distance_weight=25.0, angle_weight=50.0):
+    """w_d · mean Huber(ψ_D^s − ψ_D^t) + w_a · mean Huber(ψ_A^s − ψ_A^t) over all pairs / triplets."""
+    n = s.shape[0]
+    s, t = s.reshape(n, -1), t.reshape(n, -1).detach()
+
+    def dist(e):
+        d = torch.stack([torch.stack([(e[i] - e[j]).norm() if i != j else e.new_zeros(()) for j in range(n)])
+                         for i in range(n)])
+        return d / (d.sum() / (n * (n - 1)))
+
+    def angles(e):
+        out = []
+        for a in range(n):
+            for b in range(n):
+                for c in range(n):
+                    u, v = e[b] - e[a], e[c] - e[a]
+                    nu, nv = u.norm(), v.norm()
+                    out.append(u @ v / (nu * nv) if a not in (b, c) else e.new_zeros(()))
+        return torch.stack(out)
+
+    loss_d = _huber(dist(s) - dist(t)).mean()
+    loss_a = _huber(angles(s) - angles(t)).mean()
+    return distance_weight * loss_d + angle_weight * loss_a
+
+
+def ref_hcl(s_feats, t_feats):
+    """Σ_levels (mse + Σ_k w_k mse(pool_k)) / (1 + Σ_k w_k), w = 1/2, 1/4, 1/8 for the pooled sides
+    4, 2, 1 that are smaller than the map, in that order."""
+    total = 0.0
+    for s, t in zip(s_feats, t_feats):
+        terms, weights = [((s - t) ** 2).mean()], [1.0]
+        for k in [k for k in (4, 2, 1) if k < s.shape[2]]:
+            w = 0.5 ** len(weights)
+            terms.append(w * ((F.adaptive_avg_pool2d(s, k) - F.adaptive_avg_pool2d(t, k)) ** 2).mean())
+            weights.append(w)
+        total = total + sum(terms) / sum(weights)
+    return total
+
+
+def _bn_train(x, bn):
+    mean = x.mean((0, 2, 3), keepdim=True)
+    var = x.var((0, 2, 3), unbiased=False, keepdim=True)
+    return (x - mean) / torch.sqrt(var + bn.eps) * bn.weight[None, :, None, None] + bn.bias[None, :, None, None]
+
+
+def ref_abf(abf, x, residual, out_side):
+    """One ABF level with its module's weights, written out (BatchNorm in training mode)."""
+    n, _, h, w = x.shape
+    x = _bn_train(F.conv2d(x, abf.conv1[0].weight), abf.conv1[1])
+    if residual is not None:
+        r = residual.repeat_interleave(h // residual.shape[2], 2).repeat_interleave(w // residual.shape[3], 3)
+        conv = abf.att_conv[0]
+        a = torch.sigmoid(F.conv2d(torch.cat([x, r], 1), conv.weight, conv.bias))
+        x = x * a[:, :1] + r * a[:, 1:2]
+    if x.shape[-1] != out_side:
+        x = x.repeat_interleave(out_side // x.shape[2], 2).repeat_interleave(out_side // x.shape[3], 3)
+    return _bn_train(F.conv2d(x, abf.conv2[0].weight, padding=1), abf.conv2[1]), x

@@ -504,3 +504,29 @@ def test_mixup_cutmix_draw_only_from_the_given_generator():
         assert not torch.equal(other[1], outs[0][1]), kw  # the generator does decide
     with pytest.raises(TypeError, match="generator"):
         MixupCutmix(7, mixup_alpha=0.8)(x, labels, None)
+
+
+@pytest.mark.parametrize(("n", "batch", "world", "steps"), [(20, 8, 1, 3), (16, 8, 1, 2), (21, 4, 2, 3), (17, 4, 2, 2),
+                                                            (15, 2, 4, 2), (14, 2, 4, 1)])
+def test_drop_last_false_keeps_the_partial_batch_when_every_process_gets_images(n, batch, world, steps):
+    """data.drop_last=false (the CRD/mdistiller pipelines): ⌈N/B⌉ steps; under DDP the tail is kept
+    only when each process's slice of it is non-empty."""
+    per_rank = []
+    for rank in range(world):
+        dl = DeviceLoader(_marker_dataset(n), batch, train=True, mean=(0, 0, 0), std=(1, 1, 1), seed=0, rank=rank,
+                          world_size=world, drop_last=False)
+        assert len(dl) == steps
+        per_rank.append([len(y) for _, y in dl])
+    assert all(len(sizes) == steps and min(sizes) >= 1 for sizes in per_rank)
+    full = n // (batch * world)
+    assert sum(sum(sizes) for sizes in per_rank) == (n if steps > full else full * batch * world)
+    dropped = DeviceLoader(_marker_dataset(n), batch, train=True, mean=(0, 0, 0), std=(1, 1, 1), world_size=world)
+    assert len(dropped) == n // (batch * world)
+
+
+def test_drop_last_is_a_config_key_that_reaches_the_loader():
+    cfg = Config(data=DataConfig(name="synthetic", synthetic_samples=20, batch_size=8, drop_last=False),
+                 model=ModelConfig(name="resnet8", num_classes=10))
+    assert len(build_loaders(cfg, torch.device("cpu")).train) == 3
+    cfg.data.drop_last = True
+    assert len(build_loaders(cfg, torch.device("cpu")).train) == 2

@@ -18,12 +18,13 @@ from nkd.cli import main as cli_main
 from nkd.config import load_config
 from nkd.engine import Trainer
 from nkd.engine.checkpoint import load_checkpoint
-from nkd.methods import METHODS, Teacher, build_method
+from nkd.methods import METHODS, Setup, Teacher, build_method
 from nkd.models import create_model
 
 TEACHER = {"name": "resnet8", "num_classes": 10}
 PARAMS = {"ce": {}, "kd": {}, "dkd": {"warmup_epochs": 1}, "nkd": {}, "uskd": {"mu": 0.1}, "ls": {}, "zipf_ls": {},
-          "tfkd": {}, "dist": {"temperature": 4.0}, "kd_zscore": {}, "dkd_zscore": {"warmup_epochs": 1}}
+          "tfkd": {}, "dist": {"temperature": 4.0}, "kd_zscore": {}, "dkd_zscore": {"warmup_epochs": 1},
+          "fitnet": {}, "at": {}, "rkd": {}, "reviewkd": {"warmup_epochs": 1}}
 
 
 def run_config(tmp_path: Path, method: str, **extra) -> str:
@@ -35,7 +36,8 @@ def run_config(tmp_path: Path, method: str, **extra) -> str:
 
 
 def test_every_method_is_registered():
-    assert set(METHODS) == {"ce", "kd", "dkd", "nkd", "uskd", "ls", "zipf_ls", "tfkd", "dist", "kd_zscore", "dkd_zscore"}
+    assert set(METHODS) == {"ce", "kd", "dkd", "nkd", "uskd", "ls", "zipf_ls", "tfkd", "dist", "kd_zscore", "dkd_zscore",
+                            "fitnet", "at", "rkd", "reviewkd"}
 
 
 @pytest.mark.parametrize("method", sorted(PARAMS))
@@ -44,7 +46,8 @@ def test_loss_goes_down_on_a_fixed_batch(method, tmp_path):
     cfg = load_config(run_config(tmp_path, method))
     student = create_model("resnet8", 10)
     teacher = Teacher(create_model("resnet8", 10)) if METHODS[method].needs_teacher() else None
-    m, trainable = build_method(cfg.method.name, cfg.method.params, 10, student)
+    setup = Setup((3, 16, 16), None if teacher is None else teacher.model)
+    m, trainable = build_method(cfg.method.name, cfg.method.params, 10, student, setup)
     trainable.train()
     if teacher is not None:
         teacher.train()  # stays in eval mode

@@ -72,6 +72,10 @@ class DataConfig:
                                        "RandomResizedCrop / centre-crop size (null: 224); `synthetic`: the side "
                                        "(null: 32). CIFAR (32) and digits (8) are not resized: setting another size "
                                        "there is an error")
+    drop_last: bool = opt(True, "drop each epoch's last partial training batch. nkd's default keeps every step's "
+                                "batch full (one BatchNorm batch size, equal steps on every process); the CRD / "
+                                "mdistiller / torchdistill CIFAR pipelines keep it (`false`: ⌈N/B⌉ steps per epoch, "
+                                "the last one smaller; under DDP it is kept when every process gets an image of it)")
     crop_padding: int = opt(4, "random-crop zero padding in pixels (small-image datasets; 0 disables the crop)")
     flip: bool = opt(True, "random horizontal flip (small-image datasets)")
     train_subset: int | None = opt(None, "train on a random subset of this many training images "

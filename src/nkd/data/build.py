@@ -54,6 +54,7 @@ class Loaders:
     num_classes: int
     sampler: Any = None
     mix: MixupCutmix | None = None  # applied by the trainer (folder loaders); DeviceLoader mixes itself
+    input_shape: tuple[int, ...] = ()  # one training image [C, H, W] (what feature methods probe their shapes with)
 
     def set_epoch(self, epoch: int) -> None:
         if hasattr(self.train, "set_epoch"):
@@ -254,15 +255,17 @@ def build_loaders(cfg, device: torch.device, rank: int = 0, world_size: int = 1)
                                                 image_size=d.image_size or IMAGENET_SIZE,
                                                 num_workers=d.num_workers, rank=rank, world_size=world_size,
                                                 seed=cfg.seed, mean=mean, std=std, randaugment=d.randaugment,
-                                                pin_memory=torch.device(device).type == "cuda")
+                                                pin_memory=torch.device(device).type == "cuda", drop_last=d.drop_last)
         ev = _folder_eval(cfg, device, rank, world_size, mean, std)
-        return Loaders(train, ev, len(classes), sampler, make_mix(d, len(classes)))
+        side = d.image_size or IMAGENET_SIZE
+        return Loaders(train, ev, len(classes), sampler, make_mix(d, len(classes)), (3, side, side))
     tr = load_split(d, train=True)
     mean, std = normalization(d, tr)
     te = load_split(d, train=False)
     tr = tr.subset(d.train_subset, d.subset_seed)
     mix = make_mix(d, tr.num_classes)
     train = DeviceLoader(tr, batch, train=True, device=device, mean=mean, std=std, pad=d.crop_padding, flip=d.flip,
-                         mix=mix, seed=cfg.seed, rank=rank, world_size=world_size,
+                         mix=mix, seed=cfg.seed, rank=rank, world_size=world_size, drop_last=d.drop_last,
                          channels_last=cfg.train.channels_last)
-    return Loaders(train, _array_eval(cfg, device, rank, world_size, mean, std, te), tr.num_classes)
+    return Loaders(train, _array_eval(cfg, device, rank, world_size, mean, std, te), tr.num_classes,
+                   input_shape=(tr.images.shape[3], *tr.images.shape[1:3]))  # stored [N, H, W, C]

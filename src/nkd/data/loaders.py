@@ -50,7 +50,11 @@ class DeviceLoader:
         if not self.train:
             return math.ceil(math.ceil(n / self.world_size) / self.batch_size)
         gb = self.batch_size * self.world_size
-        return n // gb if self.drop_last else math.ceil(n / gb)
+        if self.drop_last or n % gb == 0:
+            return n // gb
+        # the partial last batch is kept when every process gets at least one image of its slice
+        tail = n % gb
+        return n // gb + ((self.world_size - 1) * math.ceil(tail / self.world_size) < tail)
 
     def _finish(self, x: Tensor) -> Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
@@ -95,9 +99,12 @@ class DeviceLoader:
 
 def folder_loader(root: str, batch_size: int, *, train: bool, image_size: int = 224, num_workers: int = 4,
                   rank: int = 0, world_size: int = 1, seed: int = 0, mean=(0.485, 0.456, 0.406),
-                  std=(0.229, 0.224, 0.225), pin_memory: bool | None = None, randaugment: bool = False):
+                  std=(0.229, 0.224, 0.225), pin_memory: bool | None = None, randaugment: bool = False,
+                  drop_last: bool = True):
     """``DataLoader`` over ``torchvision.datasets.ImageFolder(root)`` with the standard ImageNet
-    transforms; returns ``(loader, train_sampler_or_None, classes)``. Classes are the non-hidden
+    transforms; returns ``(loader, train_sampler_or_None, classes)``. ``drop_last`` (training only):
+    drop the last partial batch (the sampler also drops the tail that does not divide over the
+    processes). Classes are the non-hidden
     sub-folders (:func:`~nkd.data.datasets.class_dirs`). ``pin_memory=None`` pins when CUDA is
     available. Call the sampler's ``set_epoch(e)`` before each training epoch
     (``Loaders.set_epoch`` does)."""
@@ -116,13 +123,13 @@ def folder_loader(root: str, batch_size: int, *, train: bool, image_size: int = 
     ds = ImageFolder(root, transform=v2.Compose(tf))
     sampler = None
     if train:  # the order of epoch e is a function of (seed, e) on any number of processes: resumes replay it
-        sampler = DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        sampler = DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=drop_last)
     elif world_size > 1:  # every image exactly once over the ranks (DistributedSampler would pad with repeats)
         sampler = range(rank, len(ds), world_size)
     g = torch.Generator().manual_seed(seed)
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
     loader = DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
-                        drop_last=train, generator=g, persistent_workers=num_workers > 0)
+                        drop_last=train and drop_last, generator=g, persistent_workers=num_workers > 0)
     return loader, (sampler if train else None), ds.classes
 

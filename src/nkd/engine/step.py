@@ -21,7 +21,7 @@ from torch import nn
 
 from ..config import Config, dump_config
 from ..losses import value_checks
-from ..methods import build_method
+from ..methods import Setup, build_method
 from ..models import create_model
 from .checkpoint import rng_state, seeded, set_rng_state
 from .distributed import DistInfo, all_reduce_sum
@@ -78,14 +78,14 @@ AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 class Student:
     """Everything of one student run except the data and the teacher (shared by a group)."""
 
-    def __init__(self, cfg: Config, run: RunDir, device: torch.device, dist: DistInfo):
+    def __init__(self, cfg: Config, run: RunDir, device: torch.device, dist: DistInfo, setup: Setup | None = None):
         self.cfg, self.run, self.device, self.dist = cfg, run, device, dist
         self.log = run.log
         with seeded(cfg.seed):  # the initialization depends on the seed only; the global RNG is given back
             student = create_model(cfg.model.name, cfg.model.num_classes, checkpoint=cfg.model.checkpoint,
                                    **cfg.model.kwargs)
             self.method, self.trainable = build_method(cfg.method.name, cfg.method.params, cfg.model.num_classes,
-                                                       student)
+                                                       student, setup)
             self.rng = torch.get_rng_state()  # the student's own stream continues from here
             self.cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
         mf = torch.channels_last if cfg.train.channels_last else torch.contiguous_format

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..config import LOCKSTEP_SHARED_KEYS, Config, dump_config, flatten
 from ..data.build import build_loaders
-from ..methods import METHODS, Teacher
+from ..methods import METHODS, Setup, Teacher, method_params
 from ..models import create_model
 from .distributed import DistInfo, all_reduce_max, all_reduce_sum, barrier, init_distributed
 from .faults import Faults
@@ -170,7 +170,7 @@ class Trainer:
                 raise ValueError(f"model.num_classes={c.model.num_classes} but the dataset has "
                                  f"{self.loaders.num_classes} classes")
             self.teacher, self.teacher_outputs = self._build_teacher()
-            self.students = [Student(x, run, self.device, self.dist) for x, run in zip(self.cfgs, self.runs)]
+            self.students = [Student(x, run, self.device, self.dist, self.setup) for x, run in zip(self.cfgs, self.runs)]
             self.start_epoch, self.start_step = self._resume(allow_changes) if resume else (0, 0)
             for s in self.students:
                 s.run.start(dump_config(s.cfg), s.state.history)
@@ -209,9 +209,11 @@ class Trainer:
             log.addHandler(logging.NullHandler())
 
     def _build_teacher(self) -> tuple[Teacher | None, tuple[str, ...]]:
-        """The frozen teacher, once for the group (built outside the students' random streams)."""
-        wanted = sorted({o for x in self.cfgs for o in METHODS[x.method.name].teacher_outputs})
-        if not wanted:
+        """The frozen teacher, once for the group (built outside the students' random streams), and
+        what it outputs: the union of what the group's methods read from it (logits, features).
+        ``self.setup`` tells the methods the input shape and the (uncompiled) teacher model."""
+        self.setup = Setup(input_shape=tuple(self.loaders.input_shape))
+        if not any(METHODS[x.method.name].needs_teacher() for x in self.cfgs):
             return None, ()
         tc = next(x.teacher for x in self.cfgs if METHODS[x.method.name].needs_teacher())
         if tc.checkpoint:
@@ -221,9 +223,14 @@ class Trainer:
             model = create_model(tc.name, tc.num_classes, checkpoint=tc.checkpoint, **tc.kwargs)
         mf = torch.channels_last if self.cfg.train.channels_last else torch.contiguous_format
         teacher = Teacher(model).to(self.device, memory_format=mf)
+        self.setup = Setup(self.setup.input_shape, model)
+        wanted = set()
+        for x in self.cfgs:
+            wanted.update(METHODS[x.method.name].teacher_refs(method_params(x.method.name, x.method.params, []), model,
+                                                              self.setup.input_shape))
         if self.cfg.train.compile:
             teacher.model = torch.compile(teacher.model, mode=self.cfg.train.compile_mode)
-        return teacher, tuple(wanted)
+        return teacher, tuple(sorted(wanted))
 
     def _resume(self, allow_changes: bool) -> tuple[int, int]:
         """Load every student's newest usable checkpoint; all must stand at the same position

@@ -6,8 +6,9 @@ A method is a small class (see :mod:`nkd.methods.teacher` and :mod:`nkd.methods.
 * ``Params``: a dataclass of its hyper-parameters — for a method built on a loss, a subclass of
   the loss's spec (:mod:`nkd.losses.spec`) that adds the method's weights, so each parameter's
   default and check is written once (a bad value is a config error before anything runs);
-* ``teacher_outputs``: what it needs from the frozen teacher — ``()`` (self-KD), ``("logits",)``,
-  or ``("logits", "features")`` for feature methods;
+* ``teacher_outputs``: what it needs from the frozen teacher — ``()`` (self-KD), ``("logits",)``;
+  a feature method's instance holds ``("logits", *feature references)`` (:mod:`nkd.models.hooks`),
+  resolved by :meth:`Method.teacher_refs` from its params and the teacher model;
 * ``modules(student)``: extra trainable modules it owns (USKD's weak head), trained and
   checkpointed with the student and wrapped by DDP with it;
 * ``forward(student, parts, x)``: the student's outputs it needs (default ``{"logits": ...}``);
@@ -36,7 +37,15 @@ from ..registry import Registry
 from ..typed import build_dataclass
 
 METHODS = Registry("method")
-TEACHER_OUTPUTS = ("logits", "features")
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What a method may need when it is built: one input's shape ``[C, H, W]`` and the (bare,
+    uncompiled) teacher model, from which feature methods size their adapters."""
+
+    input_shape: tuple[int, ...] = ()
+    teacher: nn.Module | None = None
 
 
 def register(name: str) -> Callable[[type], type]:
@@ -89,13 +98,20 @@ class Method:
     teacher_outputs: ClassVar[tuple[str, ...]] = ()
     objective: ClassVar[str] = ""  # the training objective, for the docs' method table
 
-    def __init__(self, params: Params, num_classes: int):
+    def __init__(self, params: Params, num_classes: int, setup: Setup | None = None):
         self.p = params
         self.num_classes = num_classes
+        self.setup = setup or Setup()
 
     @classmethod
     def needs_teacher(cls) -> bool:
         return bool(cls.teacher_outputs)
+
+    @classmethod
+    def teacher_refs(cls, params: Params, teacher: nn.Module, input_shape: tuple[int, ...]) -> tuple[str, ...]:
+        """What this method reads from the teacher with ``params``: ``"logits"`` and feature
+        references; the trainer runs the shared teacher once for the union over a lockstep group."""
+        return cls.teacher_outputs
 
     @classmethod
     def config_problems(cls, params: Params, cfg: Any) -> list[str]:
@@ -165,11 +181,13 @@ class Trainable(nn.Module):
 
 class Teacher(nn.Module):
     """A frozen teacher: no gradients, eval mode whatever ``train()`` is called with.
-    ``forward(x, outputs)`` returns ``{"logits": ...}`` (+ ``"features"`` when asked)."""
+    ``forward(x, outputs)`` returns ``{"logits": ...}`` plus each feature reference in ``outputs``
+    (:class:`~nkd.models.hooks.FeatureReader`: ``@stage<i>``, ``@pooled``, module paths)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        self._readers: dict[tuple[str, ...], Any] = {}
         for q in model.parameters():
             q.requires_grad_(False)
         model.eval()
@@ -181,10 +199,15 @@ class Teacher(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: Tensor, outputs: tuple[str, ...] = ("logits",)) -> dict[str, Tensor]:
-        if "features" in outputs:
-            logits, feats = self.model(x, return_features=True)
-            return {"logits": logits, "features": feats}
-        return {"logits": self.model(x)}
+        refs = tuple(o for o in outputs if o != "logits")
+        if not refs:
+            return {"logits": self.model(x)}
+        if refs not in self._readers:
+            from ..models.hooks import FeatureReader
+
+            self._readers[refs] = FeatureReader(self.model, refs, detach=True)
+        logits, feats = self._readers[refs](x)
+        return {"logits": logits, **feats}
 
 
 def loss_method(name: str, spec: type, *, key: str, objective: str, base: type | None = None, **weights: Any) -> type:
@@ -235,15 +258,17 @@ def validate_method(cfg: Any, problems: list[str]) -> Params | None:
     return p
 
 
-def build_method(name: str, params: dict[str, Any], num_classes: int, student: nn.Module) -> tuple[Method, Trainable]:
-    """The method object and the :class:`Trainable` (student + the method's modules)."""
+def build_method(name: str, params: dict[str, Any], num_classes: int, student: nn.Module,
+                 setup: Setup | None = None) -> tuple[Method, Trainable]:
+    """The method object and the :class:`Trainable` (student + the method's modules); feature
+    methods need ``setup`` (the input shape and the teacher model)."""
     problems: list[str] = []
     p = method_params(name, params, problems)
     if problems:
         from ..typed import ConfigError
 
         raise ConfigError(problems)
-    method = METHODS[name](p, num_classes)
+    method = METHODS[name](p, num_classes, setup)
     return method, Trainable(student, method)
 
 
@@ -255,7 +280,8 @@ def methods_table() -> str:
             "`method.params` (default) |", "|---|---|---|---|"]
     for name, cls in METHODS.items():
         spec = next((c for c in cls.Params.__mro__ if "function" in c.__dict__), None)
-        forms = "—" if spec is None else ", ".join(f"`{f.__name__}`" for f in (spec.function, spec.module) if f)
+        fns = (spec.function, spec.module) if spec is not None else getattr(cls, "loss_functions", ())
+        forms = ", ".join(f"`{f.__name__}`" for f in fns if f) or "—"
         params = ", ".join(f"`{f.name}` ({f.default!r})" for f in dataclasses.fields(cls.Params)) or "none"
         rows.append(f"| `{name}` | `{cls.objective}` | {forms} | {params} |")
     return "\n".join(rows) + "\n"

@@ -24,22 +24,27 @@ class CEMethod(Method):
         return {"loss_ce": ce(out["logits"], target)}
 
 
-class RampedMethod(LossMethod):
-    """A method whose distillation term ramps up linearly over ``warmup_epochs`` (DKD and its
-    variants): ``min((e+1)/W, 1)`` (times ``kd_weight`` where the params have one); a ramp longer
-    than the run is a config problem."""
+class WarmupRamp:
+    """Mixin of a method whose distillation term ramps up linearly over ``warmup_epochs`` (DKD,
+    ReviewKD): ``min((e+1)/W, 1)``; a ramp longer than the run is a config problem."""
 
-    key = "dkd"
+    ramp_of = "DKD"  # what the config problem calls the ramped term
 
     @classmethod
     def config_problems(cls, params, cfg):
         if params.warmup_epochs > cfg.schedule.epochs:
-            return [f"method.params.warmup_epochs: the DKD ramp ({params.warmup_epochs} epochs) is longer than the run "
-                    f"(schedule.epochs={cfg.schedule.epochs}): the DKD term would never reach full weight"]
-        return []
+            return [f"method.params.warmup_epochs: the {cls.ramp_of} ramp ({params.warmup_epochs} epochs) is longer than "
+                    f"the run (schedule.epochs={cfg.schedule.epochs}): the {cls.ramp_of} term would never reach full weight"]
+        return super().config_problems(params, cfg)
 
     def ramp(self, epoch: int) -> float:
         return min((epoch + 1) / max(self.p.warmup_epochs, 1), 1.0)
+
+
+class RampedMethod(WarmupRamp, LossMethod):
+    """DKD and its variants: the loss times ``min((e+1)/W, 1)`` (times ``kd_weight`` where the params have one)."""
+
+    key = "dkd"
 
     def weight(self, epoch: int) -> float:
         w = getattr(self.p, "kd_weight", None)

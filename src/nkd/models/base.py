@@ -36,6 +36,11 @@ class ZooModel(nn.Module):
     def get_classifier(self) -> nn.Linear:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def preact_refs(self) -> list[str] | None:
+        """Feature references (:mod:`nkd.models.hooks`) of each stage's output *before* its final
+        activation, where the model defines them (``None``: use ``@stage<i>``)."""
+        return None
+
     def forward(self, x: Tensor, return_features: bool = False):
         stages = self.forward_stages(x)
         pooled, logits = self.forward_head(stages[-1])

@@ -6,7 +6,6 @@ global average pooling, ``fc``. Module names match RepDistiller/mdistiller check
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..base import ZooModel, init_resnet_
@@ -29,12 +28,13 @@ class BasicBlock(nn.Module):
         self.downsample = None
         if stride != 1 or cin != cout:
             self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        self.act = nn.ReLU()  # a module (not F.relu), so its input — the pre-activation — can be tapped by path
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         skip = x if self.downsample is None else self.downsample(x)
-        return F.relu(out + skip)
+        return self.act(out + skip)
 
 
 class CifarResNet(ZooModel):
@@ -60,6 +60,11 @@ class CifarResNet(ZooModel):
 
     def get_classifier(self) -> nn.Linear:
         return self.fc
+
+    def preact_refs(self) -> list[str]:
+        """Each stage's pre-activation: the stem's output (it has no residual), then the input of
+        the last block's final ReLU in each stage (mdistiller's ``preact_feats``)."""
+        return ["@stage0"] + [f"layer{i}.{len(getattr(self, f'layer{i}')) - 1}.act:input" for i in (1, 2, 3)]
 
     def forward_stages(self, x: Tensor) -> list[Tensor]:
         f0 = self.relu(self.bn1(self.conv1(x)))
