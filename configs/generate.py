@@ -42,7 +42,8 @@ def write(rel: str, cfg: dict, note: str) -> None:
 def crd(student: str) -> dict:
     return {
         "seed": 0,
-        "data": {"name": "cifar100", "root": "data", "batch_size": 64, "download": True},
+        # the CRD/mdistiller loaders keep the last partial batch (782 steps per epoch, the last of 16 images)
+        "data": {"name": "cifar100", "root": "data", "batch_size": 64, "download": True, "drop_last": False},
         "model": {"name": student, "num_classes": 100},
         "optim": {"name": "sgd", "lr": 0.01 if student in SMALL_LR else 0.05, "momentum": 0.9, "weight_decay": 5e-4},
         "schedule": {"name": "multistep", "epochs": 240, "milestones": [150, 180, 210], "gamma": 0.1},
@@ -290,8 +291,33 @@ def logit_baselines() -> None:
                 "sunshangquan/logit-standardization-KD@f6e5aa5 configs/imagenet/r34_r18/kd.yaml + README command")
 
 
+MDISTILLER = "megvii-research/mdistiller@a08d46f"
+FEATURE_BASELINES = {  # method: (params, where the published values are)
+    "fitnet": ({"feat_weight": 100.0, "ce_weight": 1.0}, "mdistiller/engine/cfg.py CFG.FITNET + configs/cifar100/fitnet.yaml"),
+    "at": ({"feat_weight": 1000.0, "p": 2.0, "ce_weight": 1.0}, "mdistiller/engine/cfg.py CFG.AT + configs/cifar100/at.yaml"),
+    "rkd": ({"feat_weight": 1.0, "distance_weight": 25.0, "angle_weight": 50.0, "ce_weight": 1.0},
+            "mdistiller/engine/cfg.py CFG.RKD + configs/cifar100/rkd.yaml"),
+}
+
+
+def feature_baselines() -> None:
+    """FitNet, AT and RKD for every CRD pair (the CRD paper's tables ran them with one setting);
+    ReviewKD for the one pair whose config mdistiller publishes."""
+    for method, (params, where) in FEATURE_BASELINES.items():
+        for t, s in CRD_PAIRS:
+            write_cited(f"cifar100/{method}/{t}_{s}.yaml", {**crd(s), "teacher": teacher_ref(t),
+                                                           "method": {"name": method, "params": params}},
+                        f"CIFAR-100 {method} {t} -> {s} (CRD recipe)", f"{MDISTILLER} {where}")
+    write_cited("cifar100/reviewkd/resnet32x4_resnet8x4.yaml",
+                {**crd("resnet8x4"), "teacher": teacher_ref("resnet32x4"),
+                 "method": {"name": "reviewkd", "params": {"feat_weight": 5.0, "warmup_epochs": 20, "ce_weight": 1.0}}},
+                "CIFAR-100 ReviewKD resnet32x4 -> resnet8x4 (CRD recipe, ReviewKD weight 5, 20-epoch warm-up)",
+                f"{MDISTILLER} configs/cifar100/reviewkd.yaml + mdistiller/engine/cfg.py CFG.REVIEWKD")
+
+
 if __name__ == "__main__":
     cifar100_crd()
+    feature_baselines()
     cifar100_official()
     imagenet_configs()
     cifar10_configs()

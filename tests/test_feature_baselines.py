@@ -228,3 +228,17 @@ def test_feature_students_share_one_teacher_forward_and_equal_their_separate_run
         assert all(torch.equal(wa[k], wb[k]) for k in wa), (name, [k for k in wa if not torch.equal(wa[k], wb[k])][:3])
     assert any(k.startswith("abfs.") for k in _weights(tmp_path / "group" / "reviewkd"))  # adapters are checkpointed
     assert any(k.startswith("regressor.") for k in _weights(tmp_path / "group" / "fitnet"))
+
+
+def test_every_shipped_feature_config_builds_its_adapters_on_its_pair():
+    """Each configs/cifar100/{fitnet,at,rkd,reviewkd} pair builds (probe at 32×32) and gives finite losses."""
+    root = Path(__file__).resolve().parents[1] / "configs" / "cifar100"
+    paths = sorted(p for m in ("fitnet", "at", "rkd", "reviewkd") for p in (root / m).glob("*.yaml"))
+    assert len(paths) == 34
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
+    for path in paths:
+        c = load_config(path)
+        t = create_model(c.teacher.name, 100)
+        m, tr = build_method(c.method.name, c.method.params, 100, create_model(c.model.name, 100), Setup((3, 32, 32), t))
+        losses = m.losses(tr(x), Teacher(t)(x, m.teacher_outputs), y, 0)
+        assert all(torch.isfinite(v) for v in losses.values()), path

@@ -147,8 +147,11 @@ class FeatureMethod(Method):
                 f"loss_{self.key}": self.p.feat_weight * self.term(out["features"], t, epoch)}
 
 
-def _stages(model: nn.Module, input_shape: tuple[int, ...], first: int = 1) -> list[str]:
-    return [f"@stage{i}" for i in range(first, stage_count(model, input_shape))]
+def _stages(model: nn.Module, input_shape: tuple[int, ...]) -> list[str]:
+    """The model's distillation stages, stem first: its ``feature_refs()`` where it defines them
+    (MobileNetV2: the ends of the block groups mdistiller uses), else every ``@stage<i>``."""
+    refs = getattr(model, "feature_refs", lambda: None)()
+    return refs if refs else [f"@stage{i}" for i in range(stage_count(model, input_shape))]
 
 
 @dataclasses.dataclass
@@ -159,8 +162,8 @@ class FitNetParams(FeatureParams):
 @register("fitnet")
 class FitNetMethod(FeatureMethod):
     """FitNet: the student's hint layer, regressed (:class:`~nkd.losses.feature.ConvRegressor`) onto
-    the teacher's; default layer ``@stage2`` for both (the second of three CIFAR stages, mdistiller's
-    ``hint_layer=2``)."""
+    the teacher's; default: the third distillation stage counting the stem (mdistiller's
+    ``hint_layer=2``; ``@stage2`` for the CIFAR ResNets)."""
 
     objective = "ce_weight·CE + feat_weight·mean((r(s) − t)²)"
     Params = FitNetParams
@@ -169,7 +172,7 @@ class FitNetMethod(FeatureMethod):
 
     @classmethod
     def default_refs(cls, model, input_shape, role):
-        return ["@stage2"]
+        return [_stages(model, input_shape)[2]]
 
     def adapters(self, s_shapes, t_shapes):
         return {"regressor": ConvRegressor(s_shapes[0], t_shapes[0])}
@@ -198,7 +201,7 @@ class ATMethod(FeatureMethod):
 
     @classmethod
     def default_refs(cls, model, input_shape, role):
-        return _stages(model, input_shape)
+        return _stages(model, input_shape)[1:]
 
     def term(self, s, t, epoch):
         return at_loss(s, t, self.p.p)
@@ -257,7 +260,7 @@ class ReviewKDMethod(WarmupRamp, FeatureMethod):
     @classmethod
     def default_refs(cls, model, input_shape, role):
         preact = getattr(model, "preact_refs", lambda: None)() if role == "teacher" else None
-        return (preact[1:] if preact else _stages(model, input_shape)) + ["@pooled"]
+        return (preact or _stages(model, input_shape))[1:] + ["@pooled"]
 
     def adapters(self, s_shapes, t_shapes):
         cs = [s[1] for s in s_shapes]

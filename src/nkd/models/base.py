@@ -36,6 +36,11 @@ class ZooModel(nn.Module):
     def get_classifier(self) -> nn.Linear:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def feature_refs(self) -> list[str] | None:
+        """The stage features that feature-distillation methods index, stem first (the CRD /
+        mdistiller ``feats``); ``None``: every ``@stage<i>``."""
+        return None
+
     def preact_refs(self) -> list[str] | None:
         """Feature references (:mod:`nkd.models.hooks`) of each stage's output *before* its final
         activation, where the model defines them (``None``: use ``@stage<i>``)."""

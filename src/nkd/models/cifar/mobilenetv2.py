@@ -63,6 +63,10 @@ class MobileNetV2(ZooModel):
     def get_classifier(self) -> nn.Linear:
         return self.classifier[0]
 
+    def feature_refs(self) -> list[str]:
+        """The stem, then the ends of block groups 1, 2, 4 and 6 (mdistiller's ``feats``)."""
+        return ["@stage0", "@stage2", "@stage3", "@stage5", "@stage7"]
+
     def forward_stages(self, x: Tensor) -> list[Tensor]:
         out = [self.conv1(x)]
         for block in self.blocks:
