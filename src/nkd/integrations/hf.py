@@ -4,7 +4,8 @@ A causal LM computes ``logits = lm_head(h)`` from its final (normed) hidden stat
 ``[B, T, H]`` and trains position ``i`` to predict token ``i + 1``. This module takes ``h`` and
 ``lm_head`` from the model *without* the full ``[B, T, V]`` logits, applies the same label shift
 as ``transformers``' causal-LM loss, and calls :func:`~nkd.losses.fused_linear_nkd_loss` or
-:func:`~nkd.losses.fused_linear_kd_loss`:
+:func:`~nkd.losses.fused_linear_kd_loss` or :func:`~nkd.losses.fused_linear_jsd_loss` (``method``
+``"nkd"``, ``"kd"``, ``"jsd"``: the keys of :data:`LM_LOSSES`):
 
 .. math::
 
@@ -36,11 +37,44 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ..losses.fused import fused_linear_kd_loss, fused_linear_nkd_loss
+from ..losses.fused import fused_linear_jsd_loss, fused_linear_kd_loss, fused_linear_nkd_loss
 
 __all__ = ["LM_LOSSES", "causal_lm_hidden", "shift_labels", "distillation_loss", "topk_distillation_loss"]  # + DistillationTrainer (lazy)
 
-LM_LOSSES: dict[str, Callable[..., Tensor]] = {"nkd": fused_linear_nkd_loss, "kd": fused_linear_kd_loss}
+# the token-level losses by ``method`` name: the one list every LM entry point (and nkd.integrations.trl) accepts
+LM_LOSSES: dict[str, Callable[..., Tensor]] = {"nkd": fused_linear_nkd_loss, "kd": fused_linear_kd_loss, "jsd": fused_linear_jsd_loss}
+# keywords of the fused losses that are not a method's hyper-parameters
+_CALL_KEYWORDS = frozenset({"ce_weight", "bias", "teacher_bias", "teacher_logits", "teacher_topk", "topk_rest", "ignore_index",
+                            "reduction", "chunk_size"})
+
+
+def hyper_parameters(method: str) -> tuple[str, ...]:
+    """The hyper-parameters of ``LM_LOSSES[method]`` (e.g. ``("temperature", "gamma")`` for NKD), read from its signature."""
+    params = inspect.signature(LM_LOSSES[method]).parameters.values()
+    return tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in _CALL_KEYWORDS)
+
+
+# every keyword a trainer takes for its loss (the hyper-parameters of all methods, the top-k rest, the chunk size)
+LOSS_KWARGS: tuple[str, ...] = tuple(dict.fromkeys(n for m in LM_LOSSES for n in hyper_parameters(m))) + ("topk_rest", "chunk_size")
+
+
+def check_method(method: str) -> None:
+    """``method`` must be a key of :data:`LM_LOSSES`."""
+    if method not in LM_LOSSES:
+        raise ValueError(f"method must be one of {sorted(LM_LOSSES)}, got {method!r}")
+
+
+def check_loss(method: str, loss_kwargs: dict, options: tuple[str, ...] = ("ce_weight", "topk_rest", "chunk_size")) -> None:
+    """``method`` a key of :data:`LM_LOSSES`, ``loss_kwargs`` among its hyper-parameters and ``options``, with values
+    the loss accepts — checked by the loss itself on an empty batch, so a bad setting fails before training."""
+    check_method(method)
+    allowed = hyper_parameters(method) + options
+    for name in loss_kwargs:
+        if name not in allowed:
+            raise ValueError(f"{name} is not an option of method={method!r}; its options are {list(allowed)}")
+    empty, head = torch.zeros(0, 1), torch.zeros(2, 1)
+    LM_LOSSES[method](empty, head, empty, head, torch.zeros(0, dtype=torch.long), **loss_kwargs)
+
 
 # config attributes that put something between lm_head(h) and the logits, with their neutral value
 _LOGIT_TRANSFORMS = {
@@ -232,14 +266,22 @@ def distillation_loss(
     """Token-level distillation loss of ``student`` to ``teacher`` on one batch.
 
     The teacher runs under ``torch.no_grad()`` (put it in ``eval()`` mode yourself); both models
-    must share the vocabulary (their heads may differ in width). ``method`` is ``"nkd"`` or
-    ``"kd"``; ``loss_kwargs`` go to the loss (``temperature``, ``gamma``, ``ce_weight``,
-    ``chunk_size``...). The result is the mean over the valid next-token positions, or — when
+    must share the vocabulary (their heads may differ in width). ``method`` is ``"nkd"``,
+    ``"kd"`` or ``"jsd"``; ``loss_kwargs`` go to the loss (``temperature``, ``gamma``, ``beta``,
+    ``ce_weight``, ``chunk_size``...). The result is the mean over the valid next-token positions, or — when
     ``num_items_in_batch`` is given, as ``transformers.Trainer`` passes it — their sum divided by
     it (the Trainer's normalization for gradient accumulation).
     """
     target, reduction = _prepare("distillation_loss", student, method, loss_kwargs, input_ids, attention_mask, labels,
                                  ignore_index, num_items_in_batch)
+    loss, _, _ = _pair_loss(student, teacher, input_ids, attention_mask, target, method, reduction, ignore_index, loss_kwargs)
+    return _per_item(loss, num_items_in_batch)
+
+
+def _pair_loss(student: nn.Module, teacher: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, target: Tensor,
+               method: str, reduction: str, ignore_index: int, loss_kwargs: dict) -> tuple[Tensor, Tensor, nn.Linear | LMHead]:
+    """``LM_LOSSES[method]`` of the student's hidden states ``[:, :-1]`` against the teacher's (run under
+    ``no_grad``) for the next-token ``target`` ``[B, T-1]``; returns ``(loss, student hidden [B, T, H], student head)``."""
     _check_model("teacher", _unwrap(teacher))
     check_causal("teacher", teacher, input_ids)
     hidden, head = causal_lm_hidden(student, input_ids, attention_mask)
@@ -257,22 +299,22 @@ def distillation_loss(
         reduction=reduction,
         **loss_kwargs,
     )
-    return _per_item(loss, num_items_in_batch)
+    return loss, hidden, head
 
 
 def _prepare(fname: str, student: nn.Module, method: str, loss_kwargs: dict, input_ids: Tensor,
              attention_mask: Tensor | None, labels: Tensor | None, ignore_index: int,
-             num_items_in_batch: Tensor | int | None) -> tuple[Tensor, str]:
-    """The checks both LM losses share (method, reduction, a causal student, ``num_items_in_batch``)
-    and the next-token targets; returns ``(target, reduction)``."""
-    if method not in LM_LOSSES:
-        raise ValueError(f"method must be one of {sorted(LM_LOSSES)}, got {method!r}")
+             num_items_in_batch: Tensor | int | None, check_count: bool = True) -> tuple[Tensor, str]:
+    """The checks the LM losses share (method, reduction, a causal student, and — with ``check_count`` —
+    ``num_items_in_batch`` at least this batch's valid positions) and the next-token targets;
+    returns ``(target, reduction)``."""
+    check_method(method)
     if "reduction" in loss_kwargs:
         raise ValueError(f"reduction is set by {fname} (mean, or sum / num_items_in_batch)")
     target = shift_labels(input_ids, attention_mask, labels, ignore_index)
     _check_model("student", _unwrap(student))
     check_causal("student", student, input_ids)
-    if num_items_in_batch is not None:
+    if num_items_in_batch is not None and check_count:
         n_items = int(num_items_in_batch.item() if isinstance(num_items_in_batch, Tensor) else num_items_in_batch)
         valid = int((target != ignore_index).sum())
         if n_items < valid:
@@ -321,7 +363,7 @@ def topk_distillation_loss(
 
 
 _DISTILLATION_TRAINER_DOC = """\
-A ``transformers.Trainer`` whose loss is token-level NKD or KD (+ ``ce_weight`` · CE).
+A ``transformers.Trainer`` whose loss is token-level NKD, KD or JSD (+ ``ce_weight`` · CE).
 
     ``DistillationTrainer(model=student, args=..., train_dataset=..., teacher=None, cache=None,
     method="nkd", ce_weight=1.0, top_k=None, **loss_kwargs)``. The teacher is exactly one of:
@@ -331,9 +373,10 @@ A ``transformers.Trainer`` whose loss is token-level NKD or KD (+ ``ce_weight`` 
     * ``cache`` — a :class:`nkd.lm.TeacherCache` (or its path); the examples must carry
       ``cache_index`` (see :func:`nkd.lm.cache_dataset`); no teacher is in memory.
 
-    ``loss_kwargs`` go to the fused loss (``temperature``, ``gamma``, ``topk_rest``, ``chunk_size``).
+    ``loss_kwargs`` go to the fused loss (``temperature``, ``gamma``, ``beta``, ``topk_rest``, ``chunk_size``).
     With ``log_parts`` (default) every log line also carries the loss parts of its last step's
     batches (NKD: ``loss_target``, ``loss_non_target``, ``loss_ce``; KD: ``loss_kd``, ``loss_ce``;
+    JSD: ``loss_jsd``, ``loss_ce``;
     means over valid positions, computed under ``no_grad`` on logging steps only).
     The loss's ``temperature`` is applied to the teacher's log-probabilities, so a cache for
     training is written at ``temperature=1.0`` (another is refused).
@@ -345,11 +388,10 @@ def _make_distillation_trainer(Trainer):
         __doc__ = _DISTILLATION_TRAINER_DOC
 
         def __init__(self, *args, teacher=None, cache=None, method="nkd", ce_weight=1.0, top_k=None, log_parts=True, **kwargs):
-            loss_kwargs = {k: kwargs.pop(k) for k in ("temperature", "gamma", "topk_rest", "chunk_size") if k in kwargs}
+            loss_kwargs = {k: kwargs.pop(k) for k in LOSS_KWARGS if k in kwargs}
             if (teacher is None) == (cache is None):
                 raise ValueError("give exactly one of teacher (a live causal LM) or cache (a TeacherCache)")
-            if method not in LM_LOSSES:
-                raise ValueError(f"method must be one of {sorted(LM_LOSSES)}, got {method!r}")
+            check_loss(method, dict(loss_kwargs, ce_weight=ce_weight))
             super().__init__(*args, **kwargs)
             if cache is not None:
                 from ..lm import TeacherCache
@@ -425,7 +467,7 @@ def _make_distillation_trainer(Trainer):
                     tgt = f(ce_weight=0.0, gamma=0.0)
                     parts.update(loss_target=tgt, loss_non_target=distill - tgt)
                 else:
-                    parts["loss_kd"] = distill
+                    parts[f"loss_{self.method}"] = distill
             for k, v in parts.items():
                 self._parts.setdefault(k, []).append(v)
 
