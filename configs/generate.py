@@ -297,11 +297,13 @@ FEATURE_BASELINES = {  # method: (params, where the published values are)
     "at": ({"feat_weight": 1000.0, "p": 2.0, "ce_weight": 1.0}, "mdistiller/engine/cfg.py CFG.AT + configs/cifar100/at.yaml"),
     "rkd": ({"feat_weight": 1.0, "distance_weight": 25.0, "angle_weight": 50.0, "ce_weight": 1.0},
             "mdistiller/engine/cfg.py CFG.RKD + configs/cifar100/rkd.yaml"),
+    "crd": ({"feat_weight": 0.8, "feat_dim": 128, "nce_k": 16384, "nce_t": 0.07, "nce_momentum": 0.5, "mode": "exact",
+             "ce_weight": 1.0}, "mdistiller/engine/cfg.py CFG.CRD + configs/cifar100/crd.yaml"),
 }
 
 
 def feature_baselines() -> None:
-    """FitNet, AT and RKD for every CRD pair (the CRD paper's tables ran them with one setting);
+    """FitNet, AT, RKD and CRD for every CRD pair (the CRD paper's tables ran them with one setting);
     ReviewKD for the one pair whose config mdistiller publishes."""
     for method, (params, where) in FEATURE_BASELINES.items():
         for t, s in CRD_PAIRS:

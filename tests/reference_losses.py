@@ -185,3 +185,34 @@ def ref_abf(abf, x, residual, out_side):
     if x.shape[-1] != out_side:
         x = x.repeat_interleave(out_side // x.shape[2], 2).repeat_interleave(out_side // x.shape[3], 3)
     return _bn_train(F.conv2d(x, abf.conv2[0].weight, padding=1), abf.conv2[1]), x
+
+
+class RefCRD:
+    """CRD's memory + NCE step as the official code writes it (ContrastMemory / ContrastLoss):
+    scores against the other side's bank, Z from the first batch, then the momentum update."""
+
+    def __init__(self, memory_s, memory_t, temperature, momentum):
+        self.ms, self.mt = memory_s.clone(), memory_t.clone()
+        self.t, self.mom, self.z = temperature, momentum, None
+
+    def step(self, v_s, v_t, index, cidx):
+        n, k = self.ms.shape[0], cidx.shape[1] - 1
+        ms, mt = self.ms.clone(), self.mt.clone()  # the banks before this step's update
+        out_s = torch.stack([torch.stack([torch.exp(mt[j] @ v_s[b] / self.t) for j in cidx[b]]) for b in range(len(v_s))])
+        out_t = torch.stack([torch.stack([torch.exp(ms[j] @ v_t[b] / self.t) for j in cidx[b]]) for b in range(len(v_t))])
+        if self.z is None:
+            self.z = (float(out_s.detach().mean()) * n, float(out_t.detach().mean()) * n)
+        pn = 1.0 / n
+
+        def nce(x):
+            pos = torch.log(x[:, 0] / (x[:, 0] + k * pn + 1e-7))
+            neg = torch.log((k * pn) / (x[:, 1:] + k * pn + 1e-7))
+            return -(pos.sum() + neg.sum()) / x.shape[0]
+
+        loss = nce(out_s / self.z[0]) + nce(out_t / self.z[1])
+        with torch.no_grad():
+            for bank, v in ((self.ms, v_s), (self.mt, v_t)):
+                for b, i in enumerate(index.tolist()):
+                    row = bank[i] * self.mom + v[b] * (1 - self.mom)
+                    bank[i] = row / row.norm()
+        return loss

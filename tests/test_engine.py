@@ -24,7 +24,7 @@ from nkd.models import create_model
 TEACHER = {"name": "resnet8", "num_classes": 10}
 PARAMS = {"ce": {}, "kd": {}, "dkd": {"warmup_epochs": 1}, "nkd": {}, "uskd": {"mu": 0.1}, "ls": {}, "zipf_ls": {},
           "tfkd": {}, "dist": {"temperature": 4.0}, "kd_zscore": {}, "dkd_zscore": {"warmup_epochs": 1},
-          "fitnet": {}, "at": {}, "rkd": {}, "reviewkd": {"warmup_epochs": 1}}
+          "fitnet": {}, "at": {}, "rkd": {}, "reviewkd": {"warmup_epochs": 1}, "crd": {"nce_k": 8}}
 
 
 def run_config(tmp_path: Path, method: str, **extra) -> str:
@@ -37,23 +37,25 @@ def run_config(tmp_path: Path, method: str, **extra) -> str:
 
 def test_every_method_is_registered():
     assert set(METHODS) == {"ce", "kd", "dkd", "nkd", "uskd", "ls", "zipf_ls", "tfkd", "dist", "kd_zscore", "dkd_zscore",
-                            "fitnet", "at", "rkd", "reviewkd"}
+                            "fitnet", "at", "rkd", "reviewkd", "crd"}
 
 
-@pytest.mark.parametrize("method", sorted(PARAMS))
+# CRD is left out: its memory banks move to the batch's own embeddings after each step, so a fixed
+# batch is not a fixed objective (its reference test follows the banks step by step instead).
+@pytest.mark.parametrize("method", sorted(set(PARAMS) - {"crd"}))
 def test_loss_goes_down_on_a_fixed_batch(method, tmp_path):
     torch.manual_seed(0)
     cfg = load_config(run_config(tmp_path, method))
     student = create_model("resnet8", 10)
     teacher = Teacher(create_model("resnet8", 10)) if METHODS[method].needs_teacher() else None
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 3, 16, 16, generator=g), torch.randint(0, 10, (16,), generator=g)
     setup = Setup((3, 16, 16), None if teacher is None else teacher.model)
     m, trainable = build_method(cfg.method.name, cfg.method.params, 10, student, setup)
     trainable.train()
     if teacher is not None:
         teacher.train()  # stays in eval mode
     opt = torch.optim.SGD(trainable.parameters(), lr=0.05, momentum=0.9)
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(16, 3, 16, 16, generator=g), torch.randint(0, 10, (16,), generator=g)
     first = None
     for _ in range(25):
         out = trainable(x)

@@ -14,7 +14,7 @@ from nkd.config import ConfigError, load_config
 from nkd.engine import Trainer, train_together
 from nkd.engine.checkpoint import load_checkpoint
 from nkd.losses.feature import ABF, ConvRegressor, at_loss, hcl_loss, hint_loss, rkd_loss
-from nkd.methods import Setup, Teacher, build_method
+from nkd.methods import Sample, Setup, Teacher, build_method
 from nkd.models import create_model
 from nkd.models.hooks import FeatureReader
 from reference_losses import ref_abf, ref_at, ref_hcl, ref_rkd
@@ -184,9 +184,10 @@ TEACHER = {"name": "resnet8", "num_classes": 10}
 
 def _cfg(tmp: Path, name: str, method: dict, **extra) -> str:
     tmp.mkdir(parents=True, exist_ok=True)
+    sections = {"schedule": {"name": "cosine", "epochs": 1}, **extra}
     return write_config(tmp / f"{name}.yaml", output_dir=str(tmp / name), teacher=TEACHER, method=method,
                         data={"name": "synthetic", "synthetic_samples": 32, "batch_size": 8, "image_size": 8},
-                        schedule={"name": "cosine", "epochs": 1}, **extra)
+                        **sections)
 
 
 def test_config_errors_name_the_feature_keys(tmp_path):
@@ -231,14 +232,94 @@ def test_feature_students_share_one_teacher_forward_and_equal_their_separate_run
 
 
 def test_every_shipped_feature_config_builds_its_adapters_on_its_pair():
-    """Each configs/cifar100/{fitnet,at,rkd,reviewkd} pair builds (probe at 32×32) and gives finite losses."""
+    """Each configs/cifar100/{fitnet,at,rkd,crd,reviewkd} pair builds (probe at 32×32) and gives finite losses."""
     root = Path(__file__).resolve().parents[1] / "configs" / "cifar100"
-    paths = sorted(p for m in ("fitnet", "at", "rkd", "reviewkd") for p in (root / m).glob("*.yaml"))
-    assert len(paths) == 34
+    paths = sorted(p for m in ("fitnet", "at", "rkd", "crd", "reviewkd") for p in (root / m).glob("*.yaml"))
+    assert len(paths) == 45
     x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
     for path in paths:
         c = load_config(path)
         t = create_model(c.teacher.name, 100)
-        m, tr = build_method(c.method.name, c.method.params, 100, create_model(c.model.name, 100), Setup((3, 32, 32), t))
-        losses = m.losses(tr(x), Teacher(t)(x, m.teacher_outputs), y, 0)
+        params = {**c.method.params, **({"nce_k": 64} if c.method.name == "crd" else {})}  # a small bank for the test
+        m, tr = build_method(c.method.name, params, 100, create_model(c.model.name, 100),
+                             Setup((3, 32, 32), t, train_labels=torch.arange(500) % 100))
+        extra = {"sample": Sample(torch.tensor([1, 2]), 0)} if m.needs_index else {}
+        losses = m.losses(tr(x), Teacher(t)(x, m.teacher_outputs), y, 0, **extra)
         assert all(torch.isfinite(v) for v in losses.values()), path
+
+
+# ----------------------------------------------------------------------------- CRD
+def test_crd_memory_and_nce_follow_the_official_step_for_three_steps_float64():
+    from nkd.losses.feature import CRDMemory, crd_nce_loss
+    from reference_losses import RefCRD
+
+    torch.manual_seed(0)
+    mem = CRDMemory(4, 10, temperature=0.5, momentum=0.3).double()
+    ref = RefCRD(mem.memory_s, mem.memory_t, 0.5, 0.3)
+    g = torch.Generator().manual_seed(5)
+    for _ in range(3):
+        v_s = torch.nn.functional.normalize(torch.randn(3, 4, generator=g, dtype=D), dim=1).requires_grad_()
+        v_t = torch.nn.functional.normalize(torch.randn(3, 4, generator=g, dtype=D), dim=1).requires_grad_()
+        index = torch.randperm(10, generator=g)[:3]
+        cidx = torch.cat([index[:, None], torch.randint(0, 10, (3, 5), generator=g)], 1)
+        h_s, h_t = mem.scores(v_s, v_t, cidx)
+        loss = crd_nce_loss(h_s, 10) + crd_nce_loss(h_t, 10)
+        want = ref.step(v_s, v_t, index, cidx)
+        _close_with_grads(loss, want, [v_s, v_t])
+        mem.update(v_s, v_t, index)
+        torch.testing.assert_close(mem.memory_s, ref.ms, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(mem.memory_t, ref.mt, rtol=1e-12, atol=1e-14)
+        assert mem.z.tolist() == pytest.approx(list(ref.z), rel=1e-12)
+
+
+def test_contrast_sampler_draws_the_sample_then_other_classes():
+    from nkd.data.contrast import ContrastSampler
+
+    labels = torch.arange(40) % 4
+    s = ContrastSampler(labels, k=12)
+    idx = torch.tensor([0, 5, 38])
+    a, b = s.draw(idx, seed=7), s.draw(idx, seed=7)
+    assert torch.equal(a, b) and not torch.equal(a, s.draw(idx, seed=8))  # a function of the seed only
+    assert torch.equal(a[:, 0], idx)
+    for row, i in zip(a, idx):
+        assert (labels[row[1:]] != labels[i]).all() and len(set(row[1:].tolist())) == 12  # without replacement
+    many = ContrastSampler(labels, k=50).draw(idx, seed=0)  # more than the 30 negatives: with replacement
+    assert many.shape == (3, 51) and (labels[many[:, 1:]] != labels[idx][:, None]).all()
+    relax = ContrastSampler(labels, k=3, mode="relax").draw(idx, seed=0)
+    assert (labels[relax[:, 0]] == labels[idx]).all()
+    with pytest.raises(ValueError, match="at least two classes"):
+        ContrastSampler(torch.zeros(5, dtype=torch.long), k=2)
+
+
+def test_crd_trains_in_lockstep_and_resumes_after_a_kill_bitwise(tmp_path):
+    """The memory banks and their constants are checkpointed: a run killed (SIGKILL) inside its second
+    epoch and resumed ends on the weights and banks of the uninterrupted run, and so does the CRD
+    student of a lockstep group (its negatives are drawn from the step's seed, not a shared stream)."""
+    import signal
+
+    import procs
+
+    crd = {"name": "crd", "params": {"nce_k": 8, "feat_dim": 16}}
+    two = {"schedule": {"name": "cosine", "epochs": 2}, "train": {"progress": False, "tensorboard": False,
+                                                                  "checkpoint_every_steps": 2}}
+    Trainer(load_config(_cfg(tmp_path / "straight", "crd", crd, **two))).fit()
+    wa = _weights(tmp_path / "straight" / "crd")
+    assert {"memory.memory_s", "memory.memory_t", "memory.z", "embed_t.linear.weight"} <= wa.keys()
+    assert float(wa["memory.z"][0]) > 0
+    killed = _cfg(tmp_path / "killed", "crd", crd, **two)
+    r = procs.nkd("train", killed, env=procs.nkd_env(NKD_FAULT_KILL_STEP="6"))  # epoch 2, after its step-2 save
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    assert procs.nkd("train", killed, "--resume").returncode == 0
+    group = [load_config(_cfg(tmp_path / "group", n, m, **two)) for n, m in (("kd", {"name": "kd"}), ("crd", crd))]
+    train_together(group)
+    for other in (tmp_path / "killed" / "crd", tmp_path / "group" / "crd"):
+        wb = _weights(other)
+        assert wa.keys() == wb.keys()
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), (other, [k for k in wa if not torch.equal(wa[k], wb[k])][:3])
+
+
+def test_crd_config_problems(tmp_path):
+    for data, message in (({"mixup": 0.2}, "cannot train on mixed images"),):
+        with pytest.raises(ConfigError, match=message):
+            load_config(write_config(tmp_path / "c.yaml", teacher=TEACHER, method={"name": "crd"},
+                                     data={"name": "synthetic", "image_size": 8, **data}))

@@ -70,7 +70,7 @@ def test_method_params_are_the_specs_with_the_methods_weights():
     from nkd.methods.base import LossMethod
 
     others = {name for name, cls in METHODS.items() if not issubclass(cls, LossMethod)}
-    assert others == {"ce", "fitnet", "at", "rkd", "reviewkd"}  # no loss spec: CE and the feature methods
+    assert others == {"ce", "fitnet", "at", "rkd", "reviewkd", "crd"}  # no loss spec: CE and the feature methods
     for name, cls in METHODS.items():
         if name in others:
             continue

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from .augment import (
     MixupCutmix,
@@ -62,14 +63,27 @@ class Loaders:
         if self.sampler is not None:
             self.sampler.set_epoch(epoch)
 
-    def train_batches(self, start_step: int = 0) -> Iterator:
+    def train_batches(self, start_step: int = 0, with_index: bool = False) -> Iterator:
         """This epoch's training batches from ``start_step`` on. In-memory datasets jump there
         directly (bitwise the batches of a full pass); a ``DataLoader`` loads and drops the skipped
         batches (the same samples in the same order — its sampler's order is a function of (seed,
-        epoch) — but random augmentations come from fresh worker seeds)."""
+        epoch) — but random augmentations come from fresh worker seeds). ``with_index``: batches
+        are ``(x, y, dataset indices)`` (in-memory datasets only, :attr:`has_index`)."""
         if hasattr(self.train, "iterate"):
-            return self.train.iterate(start_step)
+            return self.train.iterate(start_step, with_index=with_index)
+        if with_index:
+            raise ValueError("sample indices are available for in-memory datasets only (not imagenet_folder)")
         return itertools.islice(iter(self.train), start_step, None)
+
+    @property
+    def has_index(self) -> bool:
+        """Whether :meth:`train_batches` can give each sample's dataset index."""
+        return hasattr(self.train, "iterate")
+
+    @property
+    def train_labels(self) -> Tensor | None:
+        """Every training sample's label ``[N]`` by dataset index (in-memory datasets; else None)."""
+        return getattr(self.train, "labels", None)
 
 
 # ----------------------------------------------------------------------------- folder splits

@@ -62,9 +62,10 @@ class DeviceLoader:
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         return self.iterate(0)
 
-    def iterate(self, start_step: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+    def iterate(self, start_step: int = 0, with_index: bool = False) -> Iterator[tuple[Tensor, ...]]:
         """The epoch's batches from ``start_step`` on (training): the same batches, augmentations and
-        mixes as a full pass would give from that step, without computing the skipped ones."""
+        mixes as a full pass would give from that step, without computing the skipped ones. With
+        ``with_index``, each batch also carries its samples' dataset indices ``[B]`` (training only)."""
         n = len(self.labels)
         if not self.train:
             idx = torch.arange(self.rank, n, self.world_size, device=self.device)
@@ -94,7 +95,7 @@ class DeviceLoader:
             y = self.labels[b]
             if self.mix is not None:
                 x, y = self.mix(x, y, torch.Generator().manual_seed(mix_seeds[step] + self.rank))
-            yield self._finish(x), y
+            yield (self._finish(x), y, b) if with_index else (self._finish(x), y)
 
 
 def folder_loader(root: str, batch_size: int, *, train: bool, image_size: int = 224, num_workers: int = 4,

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..config import Config, dump_config
 from ..losses import value_checks
-from ..methods import Setup, build_method
+from ..methods import Sample, Setup, build_method
 from ..models import create_model
 from .checkpoint import rng_state, seeded, set_rng_state
 from .distributed import DistInfo, all_reduce_sum
@@ -150,7 +150,7 @@ class Student:
         self.state.partial = None
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, teacher: dict[str, torch.Tensor] | None, epoch: float,
-                   check_labels: bool) -> bool:
+                   check_labels: bool, sample: Sample | None = None) -> bool:
         """One optimization step at (fractional) ``epoch``; False when the step was skipped
         (``nan_policy="skip"``)."""
         cfg = self.cfg
@@ -160,7 +160,8 @@ class Student:
         with self.rng_scope():
             with self.autocast(), value_checks(check_labels):
                 out = self.forward(x)
-                losses = self.method.losses(out, teacher, y, int(epoch))
+                extra = {"sample": sample} if self.method.needs_index else {}
+                losses = self.method.losses(out, teacher, y, int(epoch), **extra)
             terms = {k: v for k, v in losses.items() if k.startswith("loss_")}
             total = sum(terms.values())
             if self.guard.skip and not bool(torch.isfinite(total)):

@@ -16,6 +16,7 @@ The parts live in their own modules: :mod:`.rundir` (lock, logs, metrics, Tensor
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -30,7 +31,7 @@ from torch import nn
 
 from ..config import LOCKSTEP_SHARED_KEYS, Config, dump_config, flatten
 from ..data.build import build_loaders
-from ..methods import METHODS, Setup, Teacher, method_params
+from ..methods import METHODS, Sample, Setup, Teacher, method_params
 from ..models import create_model
 from .distributed import DistInfo, all_reduce_max, all_reduce_sum, barrier, init_distributed
 from .faults import Faults
@@ -212,7 +213,7 @@ class Trainer:
         """The frozen teacher, once for the group (built outside the students' random streams), and
         what it outputs: the union of what the group's methods read from it (logits, features).
         ``self.setup`` tells the methods the input shape and the (uncompiled) teacher model."""
-        self.setup = Setup(input_shape=tuple(self.loaders.input_shape))
+        self.setup = Setup(input_shape=tuple(self.loaders.input_shape), train_labels=self.loaders.train_labels)
         if not any(METHODS[x.method.name].needs_teacher() for x in self.cfgs):
             return None, ()
         tc = next(x.teacher for x in self.cfgs if METHODS[x.method.name].needs_teacher())
@@ -223,7 +224,7 @@ class Trainer:
             model = create_model(tc.name, tc.num_classes, checkpoint=tc.checkpoint, **tc.kwargs)
         mf = torch.channels_last if self.cfg.train.channels_last else torch.contiguous_format
         teacher = Teacher(model).to(self.device, memory_format=mf)
-        self.setup = Setup(self.setup.input_shape, model)
+        self.setup = dataclasses.replace(self.setup, teacher=model)
         wanted = set()
         for x in self.cfgs:
             wanted.update(METHODS[x.method.name].teacher_refs(method_params(x.method.name, x.method.params, []), model,
@@ -314,10 +315,14 @@ class Trainer:
         cap = self.cfg.train.max_steps_per_epoch
         return min(n, cap) if cap else n
 
+    def _step_seed(self, epoch: int, step: int, stream: int = 0) -> int:
+        """A seed of the step's random draws: a function of (seed, epoch, step, rank, stream) only."""
+        key = ((self.cfg.seed * 1_000_003 + epoch) * 1_000_033 + step) * 131 + self.dist.rank
+        return (key + stream * 0x9E3779B97F4A7C15) % 2**63
+
     def _mix_generator(self, epoch: int, step: int) -> torch.Generator:
         """MixUp/CutMix randomness of a folder-loader batch: a function of (seed, epoch, step, rank)."""
-        key = ((self.cfg.seed * 1_000_003 + epoch) * 1_000_033 + step) * 131 + self.dist.rank
-        return torch.Generator().manual_seed(key % 2**63)
+        return torch.Generator().manual_seed(self._step_seed(epoch, step))
 
     def train_epoch(self, epoch: int) -> dict[Student, dict[str, Any]]:
         """One epoch of every active student; returns each one's epoch row (mean losses, lr, img/s)."""
@@ -330,11 +335,13 @@ class Trainer:
         bar = self._progress_bar(epoch, steps, start)
         every = cfg.train.checkpoint_every_steps
         t0 = time.perf_counter()
-        for i, (x, y) in enumerate(self.loaders.train_batches(start), start=start):
+        with_index = any(s.method.needs_index for s in self.active)
+        for i, batch in enumerate(self.loaders.train_batches(start, with_index=with_index), start=start):
             if i >= steps:
                 break
-            x = x.to(self.device, non_blocking=True)
-            y = y.to(self.device, non_blocking=True)
+            x = batch[0].to(self.device, non_blocking=True)
+            y = batch[1].to(self.device, non_blocking=True)
+            sample = Sample(batch[2].to(self.device), self._step_seed(epoch, i, stream=1)) if with_index else None
             if self.loaders.mix is not None:
                 x, y = self.loaders.mix(x, y, self._mix_generator(epoch, i))
             teacher = None
@@ -342,7 +349,7 @@ class Trainer:
                 with self.students[0].autocast():
                     teacher = self.teacher(x, self.teacher_outputs)
             for s in self.active:
-                s.train_step(x, y, teacher, epoch + i / steps, check_labels=i == start)
+                s.train_step(x, y, teacher, epoch + i / steps, check_labels=i == start, sample=sample)
             last = i == steps - 1
             boundary = (i + 1) % cfg.train.log_every == 0 or last
             periodic = bool(every) and (i + 1) % every == 0 and not last

@@ -16,19 +16,29 @@ Student features ``s`` and teacher features ``t`` are ``[N, C, H, W]`` maps (or 
   (:class:`ABF`): per level ``L_ℓ = (mse(s, t) + Σ_{k∈{4,2,1}, k<H} 2^{-j_k}·mse(P_k s, P_k t)) /
   (1 + Σ 2^{-j_k})`` with ``P_k`` adaptive average pooling to ``k×k`` and ``j_k`` = 1, 2, 3 for the
   pooled levels used in that order; ``L = Σ_ℓ L_ℓ``.
+* **CRD** (Tian et al., 2020) — embeddings ``v = normalize(W·f + b)`` of student and teacher pooled
+  features; a memory bank per side holds one embedding per training sample. With ``K`` negatives
+  per sample (other classes' samples), scores ``h(v, m) = exp(⟨v, m⟩/τ) / Z`` (``Z`` fixed on the
+  first batch to ``n · mean exp(⟨v, m⟩/τ)``) and the noise probability ``P_n = 1/n``:
+  ``NCE(h) = −(1/B)·Σ_b [log(h⁺/(h⁺ + K·P_n)) + Σ_j log(K·P_n/(h_j + K·P_n))]``,
+  ``L = NCE(h(v_s, M_t)) + NCE(h(v_t, M_s))`` (:class:`CRDMemory`, :func:`crd_nce_loss`); after each
+  step the banks move to ``normalize(μ·M[i] + (1−μ)·v_i)`` at the batch's indices.
 
 All compute in at least float32 (autocast off; float64 inputs stay float64).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ABF", "ConvRegressor", "at_loss", "attention_map", "hcl_loss", "hint_loss", "rkd_loss"]
+__all__ = ["ABF", "CRDMemory", "ConvRegressor", "Embed", "at_loss", "attention_map", "crd_nce_loss", "hcl_loss",
+           "hint_loss", "rkd_loss"]
 
 
 def _f32(*xs: Tensor) -> list[Tensor]:
@@ -197,3 +207,85 @@ class ABF(nn.Module):
         if x.shape[-1] != out_side:
             x = F.interpolate(x, (out_side, out_side), mode="nearest")
         return self.conv2(x), x
+
+
+class Embed(nn.Module):
+    """CRD's embedding: ``normalize(W·vec(f) + b)`` (L2 over the output's ``dim`` values)."""
+
+    def __init__(self, dim_in: int, dim_out: int = 128):
+        super().__init__()
+        self.linear = nn.Linear(dim_in, dim_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.normalize(self.linear(x.reshape(x.shape[0], -1)), dim=1)
+
+
+def crd_nce_loss(h: Tensor, num_data: int, eps: float = 1e-7) -> Tensor:
+    """CRD's NCE loss on scores ``h`` ``[B, 1 + K]`` (the positive first; module docstring)."""
+    if h.ndim != 2 or h.shape[1] < 2:
+        raise ValueError(f"crd_nce_loss: expected scores [B, 1 + K] with K ≥ 1, got {tuple(h.shape)}")
+    k = h.shape[1] - 1
+    noise = k / float(num_data)
+    log_pos = torch.log(h[:, 0] / (h[:, 0] + noise + eps))
+    log_neg = torch.log(noise / (h[:, 1:] + noise + eps))
+    return -(log_pos.sum() + log_neg.sum()) / h.shape[0]
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _all_gather_rows(x: Tensor) -> Tensor:
+    """``x`` ``[B_r, ...]`` of every process, concatenated in rank order (B_r may differ)."""
+    n = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(_world())]
+    dist.all_gather(sizes, n)
+    most = int(max(s.item() for s in sizes))
+    padded = torch.zeros((most, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    padded[: x.shape[0]] = x
+    out = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(out, padded)
+    return torch.cat([o[: int(s.item())] for o, s in zip(out, sizes)])
+
+
+class CRDMemory(nn.Module):
+    """CRD's two memory banks (buffers ``memory_s``, ``memory_t`` ``[n, d]``, initialised uniform in
+    ``±1/√(d/3)``) and normalization constants ``z`` (``−1`` until the first batch sets them).
+
+    :meth:`scores` gives ``(h(v_s, M_t), h(v_t, M_s))`` at ``contrast_index`` ``[B, 1 + K]``;
+    :meth:`update` moves the banks at the batch's ``index``. Under DDP the constants are the mean
+    over the processes' first batches and every process applies every process's update, so the banks
+    stay identical on all ranks (single-process CRD has one batch; this keeps its meaning).
+    """
+
+    def __init__(self, dim: int, num_data: int, temperature: float = 0.07, momentum: float = 0.5):
+        super().__init__()
+        stdv = 1.0 / math.sqrt(dim / 3)
+        self.num_data, self.temperature, self.momentum = num_data, temperature, momentum
+        self.register_buffer("memory_s", torch.rand(num_data, dim).mul_(2 * stdv).add_(-stdv))
+        self.register_buffer("memory_t", torch.rand(num_data, dim).mul_(2 * stdv).add_(-stdv))
+        self.register_buffer("z", torch.full((2,), -1.0))
+
+    def _score(self, v: Tensor, bank: Tensor, contrast_index: Tensor) -> Tensor:
+        m = bank.index_select(0, contrast_index.reshape(-1)).view(*contrast_index.shape, -1)
+        return torch.exp(torch.bmm(m.to(v.dtype), v.unsqueeze(2)).squeeze(2) / self.temperature)
+
+    def scores(self, v_s: Tensor, v_t: Tensor, contrast_index: Tensor) -> tuple[Tensor, Tensor]:
+        out_s = self._score(v_s, self.memory_t, contrast_index)
+        out_t = self._score(v_t, self.memory_s, contrast_index)
+        if bool(self.z[0] < 0):  # set once, from the first batch (a buffer: checkpointed and resumed)
+            with torch.no_grad():
+                z = torch.stack([out_s.mean(), out_t.mean()]).to(self.z.dtype) * self.num_data
+                if _world() > 1:
+                    dist.all_reduce(z)
+                    z /= _world()
+                self.z.copy_(z)
+        return out_s / self.z[0], out_t / self.z[1]
+
+    @torch.no_grad()
+    def update(self, v_s: Tensor, v_t: Tensor, index: Tensor) -> None:
+        if _world() > 1:
+            v_s, v_t, index = _all_gather_rows(v_s), _all_gather_rows(v_t), _all_gather_rows(index)
+        for bank, v in ((self.memory_s, v_s), (self.memory_t, v_t)):
+            moved = bank.index_select(0, index).mul_(self.momentum).add_(v.detach().to(bank.dtype), alpha=1 - self.momentum)
+            bank.index_copy_(0, index, moved / moved.norm(dim=1, keepdim=True))

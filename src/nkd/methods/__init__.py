@@ -13,6 +13,7 @@ from .base import (
     METHODS,
     Method,
     Params,
+    Sample,
     Setup,
     Teacher,
     Trainable,
@@ -23,5 +24,5 @@ from .base import (
     validate_method,
 )
 
-__all__ = ["METHODS", "Method", "Params", "Setup", "Teacher", "Trainable", "build_method", "ce", "method_params", "register",
+__all__ = ["METHODS", "Method", "Params", "Sample", "Setup", "Teacher", "Trainable", "build_method", "ce", "method_params", "register",
            "validate_method"]

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -41,11 +41,22 @@ METHODS = Registry("method")
 
 @dataclasses.dataclass(frozen=True)
 class Setup:
-    """What a method may need when it is built: one input's shape ``[C, H, W]`` and the (bare,
-    uncompiled) teacher model, from which feature methods size their adapters."""
+    """What a method may need when it is built: one input's shape ``[C, H, W]``, the (bare,
+    uncompiled) teacher model, from which feature methods size their adapters, and the training
+    set's labels by dataset index (CRD's negatives)."""
 
     input_shape: tuple[int, ...] = ()
     teacher: nn.Module | None = None
+    train_labels: Tensor | None = None
+
+
+class Sample(NamedTuple):
+    """What a method with ``needs_index`` gets with each batch: its samples' dataset indices ``[B]``
+    and the seed of the step's own random draws, a function of (seed, epoch, step, rank) only — so
+    a student draws the same numbers alone or in a lockstep group."""
+
+    index: Tensor
+    seed: int
 
 
 def register(name: str) -> Callable[[type], type]:
@@ -97,6 +108,7 @@ class Method:
     Params: ClassVar[type] = Params
     teacher_outputs: ClassVar[tuple[str, ...]] = ()
     objective: ClassVar[str] = ""  # the training objective, for the docs' method table
+    needs_index: ClassVar[bool] = False  # losses(..., sample=Sample) gets the batch's dataset indices
 
     def __init__(self, params: Params, num_classes: int, setup: Setup | None = None):
         self.p = params

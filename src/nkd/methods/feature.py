@@ -4,7 +4,9 @@
 * ``fitnet``: ``w_ce·CE + w_feat·mean((r(s) − t)²)`` on one hint layer (``r`` a trained regressor);
 * ``at``: ``w_ce·CE + w_feat·Σ_stages AT(s, t)``;
 * ``rkd``: ``w_ce·CE + w_feat·(w_d·RKD-D + w_a·RKD-A)`` on the pooled features;
-* ``reviewkd``: ``w_ce·CE + w_feat·min((e+1)/W, 1)·HCL(ABF(s), t)``.
+* ``reviewkd``: ``w_ce·CE + w_feat·min((e+1)/W, 1)·HCL(ABF(s), t)``;
+* ``crd``: ``w_ce·CE + w_feat·(NCE(h(v_s, M_t)) + NCE(h(v_t, M_s)))`` with memory banks over the
+  training set (the batch's dataset indices come from the data layer: :class:`~nkd.methods.base.Sample`).
 
 Where the features come from: ``student_layers`` / ``teacher_layers`` are lists of feature
 references (:class:`nkd.models.hooks.FeatureReader`): ``@stage<i>`` / ``@pooled`` (the model's own
@@ -18,14 +20,16 @@ each model in eval mode and are trained and checkpointed with the student.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from ..losses.feature import ABF, ConvRegressor, at_loss, hcl_loss, hint_loss, rkd_loss
-from ..losses.spec import hp, nonnegative, positive
+from ..data.contrast import MODES, ContrastSampler
+from ..losses.feature import ABF, ConvRegressor, CRDMemory, Embed, at_loss, crd_nce_loss, hcl_loss, hint_loss, rkd_loss
+from ..losses.spec import hp, in_range, nonnegative, one_of, positive
 from ..models.hooks import FeatureReader, parse_ref, stage_count
-from .base import Method, Params, Setup, ce, ce_weight, register, warmup_epochs
+from .base import Method, Params, Sample, Setup, ce, ce_weight, register, warmup_epochs
 from .teacher import WarmupRamp
 
 
@@ -281,3 +285,65 @@ class ReviewKDMethod(WarmupRamp, FeatureMethod):
 
     def term(self, s, t, epoch):
         return self.ramp(epoch) * hcl_loss(s, [_as_map(x) for x in t])
+
+
+@dataclasses.dataclass
+class CRDParams(FeatureParams):
+    feat_weight: float = feat_weight(0.8, "CRD / mdistiller: 0.8")
+    feat_dim: int = hp(128, positive_int, "d, the embedding width (published: 128)")
+    nce_k: int = hp(16384, positive_int, "K, negatives per sample (published: 16384)")
+    nce_t: float = hp(0.07, positive, "τ > 0, the score temperature (published: 0.07)")
+    nce_momentum: float = hp(0.5, in_range(0.0, 1.0, False, True), "μ in [0, 1), the memory banks' momentum (published: 0.5)")
+    mode: str = hp("exact", one_of(*MODES), "the positive: `exact` the sample itself (published), `relax` a sample of its class")
+
+
+@register("crd")
+class CRDMethod(FeatureMethod):
+    """CRD on the pooled features (default ``@pooled`` for both): the student's and the teacher's
+    embedding heads are trained with the student; the memory banks (``memory.*`` buffers, one row per
+    training sample) are checkpointed with it. Needs each batch's dataset indices (in-memory datasets)."""
+
+    objective = "ce_weight·CE + feat_weight·(NCE(h(v_s, M_t)) + NCE(h(v_t, M_s)))"
+    Params = CRDParams
+    key, layers = "crd", 1
+    needs_index = True
+    loss_functions = (crd_nce_loss, CRDMemory, Embed)
+
+    @classmethod
+    def default_refs(cls, model, input_shape, role):
+        return ["@pooled"]
+
+    @classmethod
+    def config_problems(cls, params, cfg):
+        problems = []
+        if cfg.data.name == "imagenet_folder":
+            problems.append("method.name: crd needs each sample's dataset index, which in-memory datasets give "
+                            "(cifar10/cifar100/image_folder_small/synthetic/digits), not imagenet_folder")
+        if cfg.data.mixup or cfg.data.cutmix:
+            problems.append("method.name: crd's memory bank holds one embedding per sample: it cannot train on mixed "
+                            "images (set data.mixup and data.cutmix to 0)")
+        return problems + super().config_problems(params, cfg)
+
+    def adapters(self, s_shapes, t_shapes):
+        labels = self.setup.train_labels
+        if labels is None:
+            raise ValueError("crd needs the training set's labels: build it with Setup(train_labels=[N] labels)")
+        p = self.p
+        self.sampler = ContrastSampler(labels, p.nce_k, p.mode)
+        self.parts = {"embed_s": Embed(math.prod(s_shapes[0][1:]), p.feat_dim),
+                      "embed_t": Embed(math.prod(t_shapes[0][1:]), p.feat_dim),
+                      "memory": CRDMemory(p.feat_dim, len(labels), p.nce_t, p.nce_momentum)}
+        return self.parts
+
+    def adapt(self, parts, feats):
+        return [parts.embed_s(feats[0])]
+
+    def losses(self, out, teacher, target, epoch, sample: Sample | None = None):
+        if sample is None:
+            raise ValueError("crd: losses(..., sample=Sample(index, seed)) — the batch's dataset indices are required")
+        v_s, v_t = out["features"][0], self.parts["embed_t"](teacher[self.t_refs[0]])
+        memory = self.parts["memory"]
+        h_s, h_t = memory.scores(v_s, v_t, self.sampler.draw(sample.index, sample.seed))
+        loss = crd_nce_loss(h_s, memory.num_data) + crd_nce_loss(h_t, memory.num_data)
+        memory.update(v_s, v_t, sample.index)
+        return {"loss_ce": self.p.ce_weight * ce(out["logits"], target), "loss_crd": self.p.feat_weight * loss}
