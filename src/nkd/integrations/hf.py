@@ -20,8 +20,9 @@ How the hidden states are obtained: the model is called through its own ``forwar
 ``logits_to_keep=1`` — the head runs on one position only — and a forward hook on the model's
 decoder (``get_decoder()``) captures ``last_hidden_state``. Models whose logits are not
 ``lm_head(h)`` (final-logit soft-capping, logit scaling or multipliers, in the config or its text
-config) are refused. Not for FSDP/tensor parallel heads, whose weights are sharded outside
-``forward``.
+config) are refused. Under FSDP2 (``fully_shard``) a head that is sharded at loss time is gathered
+whole, its gradient averaged over the processes (:func:`_gathered`); tensor-parallel heads are not
+supported.
 
 ``transformers`` is imported lazily: ``import nkd`` never needs it (extra ``nkd[lm]``).
 """
@@ -126,19 +127,37 @@ def _lora_parts(name: str, head: nn.Module) -> list[tuple[nn.Module, nn.Module, 
     return parts
 
 
-def _effective_head(name: str, head: nn.Module) -> nn.Linear | LMHead:
+def _gathered(t: Tensor | None) -> Tensor | None:
+    """A parameter as one whole tensor: an FSDP2-sharded ``DTensor`` is all-gathered with
+    ``full_tensor()``. Its gradient is each process's own (the loss is over the local batch), so the
+    backward reduce-scatters it as a *mean* over the processes (``Partial("avg")``) — the data-parallel
+    average FSDP applies to every other parameter. (Plain ``full_tensor()`` would hand each process
+    only its local gradient's slice; a data-parallel mesh is assumed, not a tensor-parallel one.)"""
+    from torch.distributed.tensor import DTensor, Partial
+
+    if not isinstance(t, DTensor):
+        return t
+    return t.full_tensor(grad_placements=[Partial("avg")] * t.device_mesh.ndim)
+
+
+def _effective_head(name: str, head: nn.Module, gather: bool = True) -> nn.Linear | LMHead:
     """An ``nn.Linear`` head as it is, or a LoRA head as ``W + Σ_a s_a·B_a A_a`` (gradients reach
-    ``A`` and ``B`` through this weight)."""
-    if isinstance(head, nn.Linear) and _lora_parts(name, head) is None:
-        return head
+    ``A`` and ``B`` through this weight). A head whose parameters FSDP2 left sharded (a separately
+    wrapped or resharded ``lm_head``) is gathered whole for the loss, as TRL does under ZeRO-3/FSDP2."""
     parts = _lora_parts(name, head)
+    if isinstance(head, nn.Linear) and parts is None:
+        if not gather or _gathered(head.weight) is head.weight:
+            return head
+        return LMHead(_gathered(head.weight), _gathered(head.bias))
     if parts is None:
         raise TypeError(f"{name}'s output embeddings must be an nn.Linear LM head (or a PEFT LoRA layer on one), "
                         f"got {type(head).__name__}")
-    weight = head.base_layer.weight
+    if not gather:
+        return head
+    weight = _gathered(head.base_layer.weight)
     for lora_a, lora_b, scale in parts:
-        weight = weight + scale * (lora_b.weight @ lora_a.weight)
-    return LMHead(weight, head.base_layer.bias)
+        weight = weight + scale * (_gathered(lora_b.weight) @ _gathered(lora_a.weight))
+    return LMHead(weight, _gathered(head.base_layer.bias))
 
 
 def _check_model(name: str, inner: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -146,7 +165,7 @@ def _check_model(name: str, inner: nn.Module) -> tuple[nn.Module, nn.Module]:
         if not callable(getattr(inner, attr, None)):
             raise TypeError(f"{name} must be a transformers causal LM (it has no {attr}()), got {type(inner).__name__}")
     head = inner.get_output_embeddings()
-    _effective_head(name, head)  # a head the fused losses can take
+    _effective_head(name, head, gather=False)  # a head the fused losses can take (checked, nothing gathered)
     config = getattr(inner, "config", None)
     # multimodal models keep their language model's settings in a sub-config (get_text_config())
     configs = [config] + [getattr(config, sub) for sub in ("text_config", "decoder", "generator") if getattr(config, sub, None) is not None]
@@ -206,7 +225,6 @@ def causal_lm_hidden(
     """
     inner = _unwrap(model)
     decoder, head_module = _check_model("model", inner)
-    head = _effective_head("model", head_module)
     captured: list[Tensor] = []
 
     def hook(_module, _args, output):
@@ -230,7 +248,8 @@ def causal_lm_hidden(
         handle.remove()
     if not captured:
         raise RuntimeError(f"{type(inner).__name__}.get_decoder() was not called by its forward; cannot capture the hidden states")
-    return captured[-1], head
+    # after the forward: FSDP2 has unsharded what it keeps unsharded; a head it resharded is gathered here
+    return captured[-1], _effective_head("model", head_module)
 
 
 def shift_labels(input_ids: Tensor, attention_mask: Tensor | None = None, labels: Tensor | None = None, ignore_index: int = -100) -> Tensor:
