@@ -75,23 +75,31 @@ def attention_map(f: Tensor, p: float = 2.0) -> Tensor:
     return F.normalize(f.pow(p).mean(1).reshape(f.shape[0], -1))
 
 
-def at_loss(s_feats: Sequence[Tensor], t_feats: Sequence[Tensor], p: float = 2.0) -> Tensor:
-    """AT: ``Σ_stages mean((a(s) − a(t))²)``, the larger map average-pooled to the smaller side first."""
+def _sum_over_levels(name: str, s_feats: Sequence[Tensor], t_feats: Sequence[Tensor], term) -> Tensor:
+    """``Σ_levels term(s, t)`` over paired ``[N, C, H, W]`` maps, in at least float32 with autocast off."""
     if len(s_feats) != len(t_feats) or not len(s_feats):
-        raise ValueError(f"at_loss: expected as many student as teacher maps (≥ 1), got {len(s_feats)} and {len(t_feats)}")
+        raise ValueError(f"{name}: expected as many student as teacher maps (≥ 1), got {len(s_feats)} and {len(t_feats)}")
     total = None
     with torch.autocast(s_feats[0].device.type, enabled=False):
         for s, t in zip(s_feats, t_feats):
-            _check_pair("at_loss", s, t, ndim=4)
-            s, t = _f32(s, t)
-            hs, ht = s.shape[2], t.shape[2]
-            if hs > ht:
-                s = F.adaptive_avg_pool2d(s, (ht, ht))
-            elif hs < ht:
-                t = F.adaptive_avg_pool2d(t, (hs, hs))
-            term = (attention_map(s, p) - attention_map(t, p)).pow(2).mean()
-            total = term if total is None else total + term
+            _check_pair(name, s, t, ndim=4)
+            value = term(*_f32(s, t))
+            total = value if total is None else total + value
     return total
+
+
+def at_loss(s_feats: Sequence[Tensor], t_feats: Sequence[Tensor], p: float = 2.0) -> Tensor:
+    """AT: ``Σ_stages mean((a(s) − a(t))²)``, the larger map average-pooled to the smaller side first."""
+
+    def term(s: Tensor, t: Tensor) -> Tensor:
+        hs, ht = s.shape[2], t.shape[2]
+        if hs > ht:
+            s = F.adaptive_avg_pool2d(s, (ht, ht))
+        elif hs < ht:
+            t = F.adaptive_avg_pool2d(t, (hs, hs))
+        return (attention_map(s, p) - attention_map(t, p)).pow(2).mean()
+
+    return _sum_over_levels("at_loss", s_feats, t_feats, term)
 
 
 def _pdist(e: Tensor, squared: bool, eps: float) -> Tensor:
@@ -129,25 +137,20 @@ def rkd_loss(s: Tensor, t: Tensor, *, distance_weight: float = 25.0, angle_weigh
 
 def hcl_loss(s_feats: Sequence[Tensor], t_feats: Sequence[Tensor]) -> Tensor:
     """ReviewKD's hierarchical context loss (module docstring), summed over the levels."""
-    if len(s_feats) != len(t_feats) or not len(s_feats):
-        raise ValueError(f"hcl_loss: expected as many student as teacher maps (≥ 1), got {len(s_feats)} and {len(t_feats)}")
-    total = None
-    with torch.autocast(s_feats[0].device.type, enabled=False):
-        for s, t in zip(s_feats, t_feats):
-            _check_pair("hcl_loss", s, t, ndim=4)
-            if s.shape != t.shape:
-                raise ValueError(f"hcl_loss: each fused student map must have its teacher map's shape, got "
-                                 f"{tuple(s.shape)} and {tuple(t.shape)}")
-            s, t = _f32(s, t)
-            loss, weight, norm = F.mse_loss(s, t), 1.0, 1.0
-            for k in (4, 2, 1):
-                if k >= s.shape[2]:
-                    continue
+
+    def term(s: Tensor, t: Tensor) -> Tensor:
+        if s.shape != t.shape:
+            raise ValueError(f"hcl_loss: each fused student map must have its teacher map's shape, got "
+                             f"{tuple(s.shape)} and {tuple(t.shape)}")
+        loss, weight, norm = F.mse_loss(s, t), 1.0, 1.0
+        for k in (4, 2, 1):
+            if k < s.shape[2]:
                 weight /= 2.0
                 loss = loss + weight * F.mse_loss(F.adaptive_avg_pool2d(s, (k, k)), F.adaptive_avg_pool2d(t, (k, k)))
                 norm += weight
-            total = loss / norm if total is None else total + loss / norm
-    return total
+        return loss / norm
+
+    return _sum_over_levels("hcl_loss", s_feats, t_feats, term)
 
 
 class ConvRegressor(nn.Module):

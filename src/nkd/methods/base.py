@@ -90,10 +90,23 @@ def kd_weight(default: float, doc: str = "w_kd ≥ 0, weight of the distillation
     return hp(default, nonnegative, doc)
 
 
-def nonnegative_int(name: str, value: Any) -> None:
-    """An int >= 0."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+def int_at_least(low: int):
+    """A check: an int (not a bool) ``>= low``."""
+
+    def check(name: str, value: Any) -> None:
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+
+    return check
+
+
+nonnegative_int, positive_int = int_at_least(0), int_at_least(1)
+
+
+def boolean(name: str, value: Any) -> None:
+    """A check: ``true`` or ``false``."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
 
 
 def warmup_epochs(default: int = 20) -> Any:

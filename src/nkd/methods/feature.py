@@ -29,7 +29,7 @@ from ..data.contrast import MODES, ContrastSampler
 from ..losses.feature import ABF, ConvRegressor, CRDMemory, Embed, at_loss, crd_nce_loss, hcl_loss, hint_loss, rkd_loss
 from ..losses.spec import hp, in_range, nonnegative, one_of, positive
 from ..models.hooks import FeatureReader, parse_ref, stage_count
-from .base import Method, Params, Sample, Setup, ce, ce_weight, register, warmup_epochs
+from .base import Method, Params, Sample, Setup, boolean, ce, ce_weight, positive_int, register, warmup_epochs
 from .teacher import WarmupRamp
 
 
@@ -43,16 +43,6 @@ def feature_refs(name: str, value: Any) -> None:
     for v in value:
         if not v.startswith("@"):
             parse_ref(v)
-
-
-def boolean(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be true or false, got {value!r}")
-
-
-def positive_int(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
 def _layers(role: str) -> Any:
