@@ -467,6 +467,24 @@ class _FusedLinearLossFn(torch.autograd.Function):
         return (None, None) + tuple(None if x is None else x.to(dt) for x, dt in zip(grads, ctx.dtypes))
 
 
+def row_chunks(t: Tensor | None, n: int, ignore_index: int, chunk_size: int, device: torch.device
+               ) -> tuple[Tensor, int, list[slice | Tensor]]:
+    """The rows of a call: the class index per row ``[N]`` (0 where ignored), the number of valid
+    rows, and the chunks of ``chunk_size`` valid rows — slices when every row is valid, index
+    tensors otherwise (ignored rows are in no chunk). ``t``: flat labels, or ``None`` (all valid)."""
+    if t is None:
+        valid_idx, count = None, n
+        index = torch.zeros(n, dtype=torch.long, device=device)
+    else:
+        valid = t != ignore_index
+        index = torch.where(valid, t, torch.zeros_like(t))
+        count = int(valid.sum())
+        valid_idx = None if count == n else valid.nonzero().squeeze(1)
+    if valid_idx is None:
+        return index, count, [slice(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
+    return index, count, [valid_idx[s : s + chunk_size] for s in range(0, count, chunk_size)]
+
+
 def fused_linear_loss(spec: LossSpec, hidden: Tensor, weight: Tensor, teacher: Teacher, target: Tensor | None = None, *,
                       bias: Tensor | None = None, ce_weight: float = 0.0, ignore_index: int = -100,
                       reduction: str = "mean", chunk_size: int | None = None) -> Tensor:
@@ -494,19 +512,7 @@ def fused_linear_loss(spec: LossSpec, hidden: Tensor, weight: Tensor, teacher: T
     t = _parse_target(target, lead, vocab, ignore_index)
     prepared = teacher.prepare(lead, vocab, device, spec.min_topk(getattr(teacher, "rest", "zero")))
     n = math.prod(lead)
-    if t is None:
-        valid_idx, count = None, n
-        index = torch.zeros(n, dtype=torch.long, device=device)
-    else:
-        valid = t != ignore_index
-        index = torch.where(valid, t, torch.zeros_like(t))
-        count = int(valid.sum())
-        valid_idx = None if count == n else valid.nonzero().squeeze(1)
-    cs = chunk_size or default_chunk_size(vocab)
-    if valid_idx is None:
-        chunks = [slice(s, min(s + cs, n)) for s in range(0, n, cs)]
-    else:
-        chunks = [valid_idx[s : s + cs] for s in range(0, count, cs)]
+    index, count, chunks = row_chunks(t, n, ignore_index, chunk_size or default_chunk_size(vocab), device)
     plan = _Plan(
         rows_fn=_spec_rows(spec, float(ce_weight)),
         teacher=prepared,

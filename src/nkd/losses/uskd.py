@@ -56,7 +56,7 @@ from ._common import log_softmax_without, zipf_labels
 from .dense import dense_loss
 from .spec import Input, LossSpec, RowOut, common_checks, hp, nonnegative, one_of, register_loss
 
-__all__ = ["uskd_loss", "USKDLoss", "RANK_MODES", "uskd_targets", "USKD"]
+__all__ = ["uskd_loss", "USKDLoss", "RANK_MODES", "uskd_targets", "target_sq", "USKD"]
 
 RANK_MODES = ("paper", "official")
 _EPS = 1e-6
@@ -91,19 +91,28 @@ def uskd_targets(index: Tensor, soft: Tensor | None) -> tuple[Tensor, Tensor, Te
     return torch.stack([t1, t2], 1), torch.stack([v1, v2], 1), has2
 
 
-def _uskd_rows(z, w, idx, v, has2, valid, soft, alpha, beta, mu, rank, need_grad):
-    """Per-row USKD loss ``[M]`` and gradients w.r.t. ``z`` and ``w``."""
+def target_sq(z: Tensor, idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``logsumexp(z)`` ``[M, 1]``, ``log s_t`` and ``s_t²`` ``[M, k]`` at the target columns ``idx``
+    ``[M, k]`` — what the batch mean of the target term is taken over."""
+    lse_z = torch.logsumexp(z, -1, keepdim=True)
+    logs_t = z.gather(1, idx) - lse_z
+    return lse_z, logs_t, (2 * logs_t).exp()
+
+
+def _uskd_rows(z, w, idx, v, has2, valid, soft, alpha, beta, mu, rank, need_grad, mean_sq=None):
+    """Per-row USKD loss ``[M]`` and gradients w.r.t. ``z`` and ``w``; ``mean_sq`` ``[2]``: the
+    batch means of ``s_{t_k}²`` when these rows are a chunk of a larger batch (``None``: the
+    mean over these rows)."""
     m, c = z.shape
     v = v.to(z.dtype)
     kmask = torch.stack([valid, valid & has2], 1)  # which (row, k) carry a target
     kmask_f = kmask.to(z.dtype)
 
     # ---- target term with the batch-coupled soft target p
-    lse_z = torch.logsumexp(z, -1, keepdim=True)
-    logs_t = z.gather(1, idx) - lse_z  # [M, 2]
-    sq = (2 * logs_t).exp()  # s_t^2
-    count = kmask_f.sum(0).clamp(min=1)
-    mean_sq = (sq * kmask_f).sum(0) / count  # [2]
+    lse_z, logs_t, sq = target_sq(z, idx)  # [M, 1], [M, 2], [M, 2]
+    if mean_sq is None:
+        count = kmask_f.sum(0).clamp(min=1)
+        mean_sq = (sq * kmask_f).sum(0) / count  # [2]
     p = (sq + v - mean_sq) * kmask_f
     loss_t = -(p * logs_t).sum(1)
 
