@@ -53,7 +53,6 @@ from .chunked import (
     _parse_target,
     _put,
     _take,
-    add_ce,
     check_settings,
     default_chunk_size,
     row_chunks,
@@ -90,8 +89,7 @@ class _USKDPlan:
             idx, v, has2 = uskd_targets(t, None)
             valid = torch.ones(t.shape, dtype=torch.bool, device=t.device)  # ignored rows are never in a chunk
             loss, gz, gw, _ = _uskd_rows(z, w, idx, v, has2, valid, None, float(sp.alpha), float(sp.beta), float(sp.mu),
-                                         sp.rank, any(want), mean_sq=self.mean_sq)
-            loss, gz = add_ce(z, t, loss, gz, self.ce_weight)
+                                         sp.rank, any(want), mean_sq=self.mean_sq, ce_weight=self.ce_weight)
             del z, w
             _put(per_row, sel, loss)
             if gz is not None:
