@@ -23,6 +23,7 @@ from .fused import (
     fused_linear_kd_loss,
     fused_linear_nkd_loss,
 )
+from .fused_uskd import FusedLinearUSKDLoss, fused_linear_uskd_loss
 from .jsd import JSDLoss, jsd_loss
 from .kd import KDLoss, kd_loss
 from .logit_std import DKDZScoreLoss, KDZScoreLoss, dkd_zscore_loss, kd_zscore_loss, standardize_logits
@@ -76,4 +77,6 @@ __all__ = [
     "JSDLoss",
     "fused_linear_jsd_loss",
     "FusedLinearJSDLoss",
+    "fused_linear_uskd_loss",
+    "FusedLinearUSKDLoss",
 ]

@@ -83,12 +83,15 @@ def check_topk_rest(topk_rest: object) -> None:
         raise ValueError(f"topk_rest must be one of {TOPK_REST}, got {topk_rest!r}")
 
 
-def check_settings(spec: LossSpec, ce_weight: float, ignore_index: int, reduction: str, chunk_size: int | None) -> None:
+def check_settings(spec: LossSpec, ce_weight: float, ignore_index: int, reduction: str, chunk_size: int | None,
+                   row_wise: bool = True) -> None:
     """The settings of a fused call, checked once for the calls and for the modules' constructors:
-    a row-wise spec, ``ce_weight`` ≥ 0, ``reduction`` and ``ignore_index`` (:func:`common_checks`),
-    ``chunk_size`` a positive int or ``None``."""
-    if not spec.row_wise:
-        raise ValueError(f"{spec.name} couples the rows of a batch, so it cannot be chunked over tokens")
+    a row-wise spec (unless ``row_wise=False``: a driver of its own handles the coupling, as
+    :mod:`nkd.losses.fused_uskd`), ``ce_weight`` ≥ 0, ``reduction`` and ``ignore_index``
+    (:func:`common_checks`), ``chunk_size`` a positive int or ``None``."""
+    if row_wise and not spec.row_wise:
+        own = " (use fused_linear_uskd_loss)" if spec.name == "uskd" else ""
+        raise ValueError(f"{spec.name} couples the rows of a batch, so fused_linear_loss cannot chunk it over tokens{own}")
     _common.check_nonnegative("ce_weight", ce_weight)
     common_checks(spec, reduction, ignore_index)
     _check_chunk_size(chunk_size)
@@ -281,6 +284,19 @@ def make_teacher(teacher_hidden: Tensor | None = None, teacher_weight: Tensor | 
 
 
 # ----------------------------------------------------------------------------- a spec's rows in a chunk
+def add_ce(z: Tensor, idx: Tensor, loss: Tensor, grad: Tensor | None, ce_weight: float) -> tuple[Tensor, Tensor | None]:
+    """``loss + w·CE(z, idx)`` per row and, in place, ``grad + w(S − e_t)`` (``w = ce_weight``; nothing when 0)."""
+    if not ce_weight:
+        return loss, grad
+    col = idx[:, None]
+    lse = torch.logsumexp(z, -1, keepdim=True)
+    loss = loss + ce_weight * (lse - z.gather(1, col)).squeeze(1)
+    if grad is not None:
+        grad.add_(torch.sub(z, lse).exp_(), alpha=ce_weight)
+        grad.scatter_add_(1, col, torch.full_like(lse, -ce_weight))
+    return loss, grad
+
+
 def _spec_rows(spec: LossSpec, ce_weight: float) -> Callable:
     """``(z, u, idx, need_grad) -> (loss [c], G [c, V] | None)`` for a chunk (every row valid):
     the spec's analytic rows — with the CE term fused where the spec says so (``fuses_ce``),
@@ -293,15 +309,7 @@ def _spec_rows(spec: LossSpec, ce_weight: float) -> Callable:
             out = spec.rows(z, u, r, need_grad, ce_weight=ce_weight)
             return out.loss, out.grad
         out = spec.rows(z, u, r, need_grad)
-        loss, grad = out.loss, out.grad
-        if ce_weight:
-            col = idx[:, None]
-            lse = torch.logsumexp(z, -1, keepdim=True)
-            loss = loss + ce_weight * (lse - z.gather(1, col)).squeeze(1)
-            if grad is not None:
-                grad.add_(torch.sub(z, lse).exp_(), alpha=ce_weight)
-                grad.scatter_add_(1, col, torch.full_like(lse, -ce_weight))
-        return loss, grad
+        return add_ce(z, idx, out.loss, out.grad, ce_weight)
 
     def by_autograd(z, u, idx, need_grad):
         r = Rows(z, idx, None, None, z.shape[:1])
@@ -319,6 +327,81 @@ def _spec_rows(spec: LossSpec, ce_weight: float) -> Callable:
 
 
 # ----------------------------------------------------------------------------- the chunk loop
+def _grad_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype a gradient is held in until backward: float16 (max 65504, normal down to 6e-5) cannot
+    hold a ``1/N``-scaled gradient nor an upstream loss scale, so its gradients stay float32."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+def _put(out: Tensor, sel: slice | Tensor, rows: Tensor) -> None:
+    if isinstance(sel, slice):
+        out[sel] = rows
+    else:
+        out.index_copy_(0, sel, rows)
+
+
+class _Head:
+    """One linear head ``z = h Wᵀ + b`` in a chunk loop: its logits chunk by chunk, and the gradients
+    ``∂L/∂h = s·(G W)``, ``∂L/∂W += Gᵀ (s·h)``, ``∂L/∂b += sᵀ G`` of each chunk's ``G = ∂L/∂z``
+    folded in at once (``G`` itself is never scaled). ``s``, the reduction weight, is a float
+    (mean/sum) or a ``[N]`` tensor (per-row weights, for reduction "none"). ``want`` says which of
+    ``h``, ``W``, ``b`` need a gradient."""
+
+    def __init__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, mm_dtype: torch.dtype,
+                 want: tuple[bool, bool, bool]):
+        self.hidden, self.mm_dtype, self.want = hidden, mm_dtype, want
+        self.w_mm = weight.to(mm_dtype)
+        self.b_mm = None if bias is None else bias.to(mm_dtype)
+        self.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        self.acc = acc
+        want_h, want_w, want_b = want
+        self.gh = torch.zeros(hidden.shape, dtype=_grad_dtype(hidden.dtype), device=hidden.device) if want_h else None
+        self.gw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_w else None
+        self.gb = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if want_b else None
+
+    def logits(self, sel: slice | Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """The chunk's rows of ``h`` (matmul dtype) and their logits in ``dtype``."""
+        h = _take(self.hidden, sel).to(self.mm_dtype)
+        return h, _linear(h, self.w_mm, self.b_mm).to(dtype)
+
+    def fold(self, sel: slice | Tensor, h: Tensor, g: Tensor, scale: float | Tensor) -> None:
+        """Fold the chunk's ``G`` ``[chunk, V]`` into the gradients (``h``: the chunk's rows from :meth:`logits`)."""
+        want_h, want_w, want_b = self.want
+        # the reduction weight is applied to the small products, not to g [chunk, V] (one pass less)
+        if isinstance(scale, Tensor):
+            rs = _take(scale, sel).to(g.dtype)  # per-row weights (reduction "none")
+            if want_b:
+                self.gb.add_(rs @ g)
+            g = g.to(self.mm_dtype)
+            if want_h:
+                gh_rows = (g @ self.w_mm).to(self.gh.dtype).mul_(rs[:, None].to(self.gh.dtype))
+            if want_w:
+                h = h * rs[:, None].to(h.dtype)
+            alpha = 1.0
+        else:
+            alpha = float(scale)
+            if want_b:
+                self.gb.add_(g.sum(0), alpha=alpha)
+            g = g.to(self.mm_dtype)
+            if want_h:
+                gh_rows = (g @ self.w_mm).to(self.gh.dtype).mul_(alpha)  # 1/N applied outside float16
+        if want_h:
+            _put(self.gh, sel, gh_rows)
+        if want_w:
+            if g.dtype == self.acc:
+                self.gw.addmm_(g.t(), h, alpha=alpha)
+            else:
+                self.gw.add_(g.t() @ h, alpha=alpha)
+
+    def grads(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """``(∂L/∂h, ∂L/∂W, ∂L/∂b)`` in :func:`_grad_dtype` of their inputs' dtypes (the caller casts)."""
+        wd, bd = self.dtypes
+        gw = None if self.gw is None else self.gw.to(_grad_dtype(wd))
+        gb = None if self.gb is None else self.gb.to(_grad_dtype(bd))
+        return self.gh, gw, gb
+
+
 @dataclass
 class _Plan:
     """Everything the chunk loop needs besides the differentiable tensors."""
@@ -332,92 +415,40 @@ class _Plan:
     mm_dtype: torch.dtype  # student matmul dtype
     reduction: str
 
-
-def _grad_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Dtype a gradient is held in until backward: float16 (max 65504, normal down to 6e-5) cannot
-    hold a ``1/N``-scaled gradient nor an upstream loss scale, so its gradients stay float32."""
-    return torch.float32 if dtype == torch.float16 else dtype
-
-
-def _chunk_pass(plan: _Plan, hidden: Tensor, weight: Tensor, bias: Tensor | None, scale, want: tuple[bool, bool, bool]):
-    """Run every chunk: per-row losses ``[N]`` and the gradients scaled by ``scale``
-    (``∂L/∂h = s·(G W)``, ``∂L/∂W += Gᵀ (s·h)``, ``∂L/∂b += sᵀ G``, so ``G`` itself is never scaled).
-
-    ``scale`` is a float (mean/sum) or a ``[N]`` tensor (per-row weights, for reduction "none").
-    The gradients come back in :func:`_grad_dtype` of their inputs' dtypes (the caller casts).
-    """
-    n, v = hidden.shape[0], weight.shape[0]
-    want_h, want_w, want_b = want
-    need_grad = any(want)
-    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    w_mm = weight.to(plan.mm_dtype)
-    b_mm = None if bias is None else bias.to(plan.mm_dtype)
-    per_row = torch.zeros(n, dtype=plan.cdtype, device=hidden.device)
-    gh = torch.zeros(hidden.shape, dtype=_grad_dtype(hidden.dtype), device=hidden.device) if want_h else None
-    gw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_w else None
-    gb = torch.zeros(v, dtype=acc, device=weight.device) if want_b else None
-    for sel in plan.chunks:
-        h = _take(hidden, sel).to(plan.mm_dtype)
-        z = _linear(h, w_mm, b_mm).to(plan.cdtype)
-        u = plan.teacher.rows(sel, plan.cdtype)
-        idx = _take(plan.index, sel)
-        loss, g = plan.rows_fn(z, u, idx, need_grad)  # ignored rows are never in a chunk
-        del z, u
-        if isinstance(sel, slice):
-            per_row[sel] = loss
-        else:
-            per_row.index_copy_(0, sel, loss)
-        if g is None:
-            continue
-        # the reduction weight is applied to the small products, not to g [chunk, V] (one pass less)
-        if isinstance(scale, Tensor):
-            rs = _take(scale, sel).to(g.dtype)  # per-row weights (reduction "none")
-            if want_b:
-                gb.add_(rs @ g)
-            g = g.to(plan.mm_dtype)
-            if want_h:
-                gh_rows = (g @ w_mm).to(gh.dtype).mul_(rs[:, None].to(gh.dtype))
-            if want_w:
-                h = h * rs[:, None].to(h.dtype)
-            alpha = 1.0
-        else:
-            alpha = float(scale)
-            if want_b:
-                gb.add_(g.sum(0), alpha=alpha)
-            g = g.to(plan.mm_dtype)
-            if want_h:
-                gh_rows = (g @ w_mm).to(gh.dtype).mul_(alpha)  # 1/N applied outside float16
-        if want_h:
-            if isinstance(sel, slice):
-                gh[sel] = gh_rows
-            else:
-                gh.index_copy_(0, sel, gh_rows)
-        if want_w:
-            if g.dtype == acc:
-                gw.addmm_(g.t(), h, alpha=alpha)
-            else:
-                gw.add_(g.t() @ h, alpha=alpha)
-        del g
-    gw = None if gw is None else gw.to(_grad_dtype(weight.dtype))
-    gb = None if gb is None else gb.to(_grad_dtype(bias.dtype))
-    return per_row, gh, gw, gb
+    def run(self, tensors: tuple[Tensor | None, ...], scale: float | Tensor, want: tuple[bool, ...]):
+        """Every chunk of ``tensors = (hidden, weight, bias)``: per-row losses ``[N]`` and the
+        gradients ``(∂h, ∂W, ∂b)`` scaled by ``scale`` (:class:`_Head`)."""
+        hidden = tensors[0]
+        head = _Head(*tensors, self.mm_dtype, want)
+        per_row = torch.zeros(hidden.shape[0], dtype=self.cdtype, device=hidden.device)
+        for sel in self.chunks:
+            h, z = head.logits(sel, self.cdtype)
+            u = self.teacher.rows(sel, self.cdtype)
+            loss, g = self.rows_fn(z, u, _take(self.index, sel), any(want))  # ignored rows are never in a chunk
+            del z, u
+            _put(per_row, sel, loss)
+            if g is not None:
+                head.fold(sel, h, g, scale)
+            del g
+        return per_row, head.grads()
 
 
 class _FusedLinearLossFn(torch.autograd.Function):
-    """Loss of ``hidden @ weight.T + bias`` without the logits; gradients formed in forward
-    (mean/sum) or recomputed chunk by chunk in backward with per-row weights ("none")."""
+    """Loss of one or more linear heads ``(hidden, weight, bias, ...)`` without their logits, run by
+    ``plan.run``; gradients formed in forward (mean/sum) or recomputed chunk by chunk in backward
+    with per-row weights ("none")."""
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, plan: _Plan, want: tuple[bool, bool, bool]):  # noqa: D102
+    def forward(ctx, plan, want: tuple[bool, ...], *tensors: Tensor | None):  # noqa: D102
         ctx.plan, ctx.want = plan, want
-        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.dtypes = tuple(None if x is None else x.dtype for x in tensors)
         if plan.reduction == "none":
-            per_row, *_ = _chunk_pass(plan, hidden, weight, bias, 1.0, (False, False, False))
-            ctx.save_for_backward(hidden, weight, bias)
+            per_row, _ = plan.run(tensors, 1.0, (False,) * len(tensors))
+            ctx.save_for_backward(*tensors)
             return per_row
         denom = max(plan.count, 1) if plan.reduction == "mean" else 1
-        per_row, gh, gw, gb = _chunk_pass(plan, hidden, weight, bias, 1.0 / denom, want)
-        ctx.save_for_backward(gh, gw, gb)
+        per_row, grads = plan.run(tensors, 1.0 / denom, want)
+        ctx.save_for_backward(*grads)
         return per_row.sum() / denom
 
     @staticmethod
@@ -430,12 +461,28 @@ class _FusedLinearLossFn(torch.autograd.Function):
                 "gradient penalties) is not supported; use nkd_loss / kd_loss on materialized logits for that"
             )
         if ctx.plan.reduction == "none":
-            hidden, weight, bias = ctx.saved_tensors
-            _, *grads = _chunk_pass(ctx.plan, hidden, weight, bias, g, ctx.want)
+            _, grads = ctx.plan.run(ctx.saved_tensors, g, ctx.want)
         else:
             grads = [None if x is None else x * g.to(x.dtype) for x in ctx.saved_tensors]
-        return tuple(None if x is None else x.to(dt) for x, dt in zip(grads, ctx.dtypes)) + (None, None)
+        return (None, None) + tuple(None if x is None else x.to(dt) for x, dt in zip(grads, ctx.dtypes))
 
+
+def row_chunks(t: Tensor | None, n: int, ignore_index: int, chunk_size: int, device: torch.device
+               ) -> tuple[Tensor, int, list[slice | Tensor]]:
+    """The rows of a call: the class index per row ``[N]`` (0 where ignored), the number of valid
+    rows, and the chunks of ``chunk_size`` valid rows — slices when every row is valid, index
+    tensors otherwise (ignored rows are in no chunk). ``t``: flat labels, or ``None`` (all valid)."""
+    if t is None:
+        valid_idx, count = None, n
+        index = torch.zeros(n, dtype=torch.long, device=device)
+    else:
+        valid = t != ignore_index
+        index = torch.where(valid, t, torch.zeros_like(t))
+        count = int(valid.sum())
+        valid_idx = None if count == n else valid.nonzero().squeeze(1)
+    if valid_idx is None:
+        return index, count, [slice(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
+    return index, count, [valid_idx[s : s + chunk_size] for s in range(0, count, chunk_size)]
 
 
 def fused_linear_loss(spec: LossSpec, hidden: Tensor, weight: Tensor, teacher: Teacher, target: Tensor | None = None, *,
@@ -465,19 +512,7 @@ def fused_linear_loss(spec: LossSpec, hidden: Tensor, weight: Tensor, teacher: T
     t = _parse_target(target, lead, vocab, ignore_index)
     prepared = teacher.prepare(lead, vocab, device, spec.min_topk(getattr(teacher, "rest", "zero")))
     n = math.prod(lead)
-    if t is None:
-        valid_idx, count = None, n
-        index = torch.zeros(n, dtype=torch.long, device=device)
-    else:
-        valid = t != ignore_index
-        index = torch.where(valid, t, torch.zeros_like(t))
-        count = int(valid.sum())
-        valid_idx = None if count == n else valid.nonzero().squeeze(1)
-    cs = chunk_size or default_chunk_size(vocab)
-    if valid_idx is None:
-        chunks = [slice(s, min(s + cs, n)) for s in range(0, n, cs)]
-    else:
-        chunks = [valid_idx[s : s + cs] for s in range(0, count, cs)]
+    index, count, chunks = row_chunks(t, n, ignore_index, chunk_size or default_chunk_size(vocab), device)
     plan = _Plan(
         rows_fn=_spec_rows(spec, float(ce_weight)),
         teacher=prepared,
@@ -491,5 +526,5 @@ def fused_linear_loss(spec: LossSpec, hidden: Tensor, weight: Tensor, teacher: T
     grad_on = torch.is_grad_enabled()
     want = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad, grad_on and bias is not None and bias.requires_grad)
     with torch.autocast(device_type=device.type, enabled=False):
-        out = _FusedLinearLossFn.apply(hidden.reshape(n, h_dim), weight, bias, plan, want)
+        out = _FusedLinearLossFn.apply(plan, want, hidden.reshape(n, h_dim), weight, bias)
     return out.reshape(lead) if reduction == "none" else out

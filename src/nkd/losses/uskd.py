@@ -52,11 +52,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ._common import log_softmax_without, zipf_labels
+from ._common import zipf_labels
 from .dense import dense_loss
 from .spec import Input, LossSpec, RowOut, common_checks, hp, nonnegative, one_of, register_loss
 
-__all__ = ["uskd_loss", "USKDLoss", "RANK_MODES", "uskd_targets", "USKD"]
+__all__ = ["uskd_loss", "USKDLoss", "RANK_MODES", "uskd_targets", "target_sq", "USKD"]
 
 RANK_MODES = ("paper", "official")
 _EPS = 1e-6
@@ -91,56 +91,71 @@ def uskd_targets(index: Tensor, soft: Tensor | None) -> tuple[Tensor, Tensor, Te
     return torch.stack([t1, t2], 1), torch.stack([v1, v2], 1), has2
 
 
-def _uskd_rows(z, w, idx, v, has2, valid, soft, alpha, beta, mu, rank, need_grad):
-    """Per-row USKD loss ``[M]`` and gradients w.r.t. ``z`` and ``w``."""
+def target_sq(z: Tensor, idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``log softmax(z)`` ``[M, C]``, ``log s_t`` and ``s_t²`` ``[M, k]`` at the target columns
+    ``idx`` ``[M, k]`` — what the batch mean of the target term is taken over."""
+    log_s = torch.log_softmax(z, -1)
+    logs_t = log_s.gather(1, idx)
+    return log_s, logs_t, (2 * logs_t).exp()
+
+
+def _uskd_rows(z, w, idx, v, has2, valid, soft, alpha, beta, mu, rank, need_grad, mean_sq=None, ce_weight=0.0):
+    """Per-row USKD loss ``[M]`` and gradients w.r.t. ``z`` and ``w``; ``mean_sq`` ``[2]``: the
+    batch means of ``s_{t_k}²`` when these rows are a chunk of a larger batch (``None``: the
+    mean over these rows); ``ce_weight`` (hard labels, for the fused form): adds
+    ``w·CE(z, t_1) = −w·log s_{t_1}`` and its gradient ``w(s − e_{t_1})`` in the same passes
+    (not in ``parts``)."""
     m, c = z.shape
     v = v.to(z.dtype)
     kmask = torch.stack([valid, valid & has2], 1)  # which (row, k) carry a target
     kmask_f = kmask.to(z.dtype)
 
     # ---- target term with the batch-coupled soft target p
-    lse_z = torch.logsumexp(z, -1, keepdim=True)
-    logs_t = z.gather(1, idx) - lse_z  # [M, 2]
-    sq = (2 * logs_t).exp()  # s_t^2
-    count = kmask_f.sum(0).clamp(min=1)
-    mean_sq = (sq * kmask_f).sum(0) / count  # [2]
+    log_s, logs_t, sq = target_sq(z, idx)  # [M, C], [M, 2], [M, 2]
+    if mean_sq is None:
+        count = kmask_f.sum(0).clamp(min=1)
+        mean_sq = (sq * kmask_f).sum(0) / count  # [2]
     p = (sq + v - mean_sq) * kmask_f
     loss_t = -(p * logs_t).sum(1)
 
     # ---- weak supervision: q = 0.9 y + 0.1 / C
-    lse_w = torch.logsumexp(w, -1, keepdim=True)
-    sum_logw = w.sum(-1) - c * lse_w.squeeze(1)
+    log_w = torch.log_softmax(w, -1)
+    sum_logw = log_w.sum(-1)
     if soft is None:
-        y_logw = w.gather(1, idx[:, :1]).squeeze(1) - lse_w.squeeze(1)
+        y_logw = log_w.gather(1, idx[:, :1]).squeeze(1)
     else:
-        y_logw = torch.bmm(soft.unsqueeze(1), (w - lse_w).unsqueeze(2)).reshape(-1)
+        y_logw = (soft * log_w).sum(-1)
     loss_weak = -mu * (0.9 * y_logw + (0.1 / c) * sum_logw)
 
     # ---- rank score and Zipf non-target labels
-    s = torch.sub(z, lse_z).exp_()  # softmax(z)
-    wt = torch.sub(w, lse_w).exp_()  # softmax(w)
+    s = log_s.exp()  # softmax(z)
+    wt = log_w.exp_()  # softmax(w)
     w_tsum = (wt.gather(1, idx) * kmask_f).sum(1, keepdim=True)
-    s_hat = s if rank == "paper" else z - lse_z
+    s_hat = s if rank == "paper" else log_s
     s_tsum = (s_hat.gather(1, idx) * kmask_f).sum(1, keepdim=True)
     score = wt / (1 - w_tsum + _EPS) + s_hat / (1 - s_tsum + _EPS)
     zhat = zipf_labels(score, idx)  # column 2 repeats t_1 where K = 1
     del score
 
     # ---- non-target term over the non-target classes
-    log_nt, _ = log_softmax_without(z, idx)
+    log_nt = torch.log_softmax(z.scatter(1, idx, float("-inf")), -1)  # −inf on the targets
     log_nt.scatter_(1, idx, 0.0)
-    loss_non = -torch.bmm(zhat.unsqueeze(1), log_nt.unsqueeze(2)).reshape(-1)
+    loss_non = -(zhat * log_nt).sum(-1)
 
     zero = torch.zeros_like(loss_t)
     parts = {"target": torch.where(valid, alpha * loss_t, zero), "non_target": torch.where(valid, beta * loss_non, zero),
              "weak": torch.where(valid, loss_weak, zero)}
     loss = parts["target"] + parts["non_target"] + parts["weak"]
+    if ce_weight:
+        loss = loss - ce_weight * torch.where(valid, logs_t[:, 0], zero)
     if not need_grad:
         return loss, None, None, parts
     vf = valid[:, None].to(z.dtype)
     # d/dz: alpha (P s - sum_k p_k e_tk) + beta (s' - zhat)
-    grad_z = s.mul_(alpha * p.sum(1, keepdim=True))
+    grad_z = s.mul_(alpha * p.sum(1, keepdim=True) + ce_weight)
     grad_z.scatter_add_(1, idx, -alpha * p)
+    if ce_weight:
+        grad_z.scatter_add_(1, idx[:, :1], torch.full((m, 1), -ce_weight, dtype=z.dtype, device=z.device))
     s_nt = log_nt.exp_()
     s_nt.scatter_(1, idx, 0.0)
     grad_z.add_(s_nt.sub_(zhat), alpha=beta).mul_(vf)
