@@ -255,7 +255,7 @@ def main() -> None:
     data = prepare_data(args.data, args.work, args.train_images)
     runs_dir = args.work / f"runs-{args.train_images}-{args.epochs}"
     teacher = runs_dir / "teacher" / "checkpoints" / "last.pt"
-    if not teacher.is_file():
+    if not (runs_dir / "teacher" / "summary.json").is_file():  # written when the teacher's run has finished
         cfg = nkd_config(data, runs_dir / "teacher", model="resnet56", method="ce", params={}, epochs=args.teacher_epochs,
                          seed=0)
         print("teacher:", spawn({"pipeline": "nkd", "method": "ce", "seed": 0, "cfg": cfg}), flush=True)
@@ -267,10 +267,11 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     jobs = []
     for seed in seeds:
-        init = runs_dir / f"init-resnet20-{seed}.pt"
         torch.manual_seed(seed)
-        torch.save(create_model("resnet20", 10).state_dict(), init)
-        for method in args.methods.split(","):
+        torch.save(create_model("resnet20", 10).state_dict(), runs_dir / f"init-resnet20-{seed}.pt")
+    for method in args.methods.split(","):  # method by method: every seed of the first method comes first
+        for seed in seeds:
+            init = runs_dir / f"init-resnet20-{seed}.pt"
             params = dict(METHODS[method])
             if method == "dkd":
                 params["warmup_epochs"] = max(1, args.epochs // 3)
