@@ -119,3 +119,15 @@ def test_train_without_teacher_or_cache_and_other_refusals(workdir, capsys):
     assert main(["lm", "train", str(_config(workdir, "ob", corpus={"train": ["val"]}))]) == 2
     assert "input_ids: not the blocks" in capsys.readouterr().err
     assert not (workdir / "runs" / "ob").exists()
+
+
+def test_jsd_trains_from_the_recipe_with_its_beta(workdir):
+    """method.name: jsd takes its β (and temperature) from the YAML; β changes what is trained."""
+    finals = {}
+    for beta in (0.0, 1.0):
+        cfg = _config(workdir, f"jsd{beta}", method={"name": "jsd", "beta": beta, "topk_rest": "uniform"}, cache=None,
+                      train={"steps": 2, "eval_every": 2})
+        assert main(["lm", "train", str(cfg)]) == 0
+        rows = [json.loads(x) for x in (workdir / "runs" / f"jsd{beta}" / "metrics.jsonl").read_text().splitlines()]
+        finals[beta] = rows[-1]["perplexity"]
+    assert finals[0.0] != finals[1.0]

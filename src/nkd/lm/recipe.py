@@ -32,6 +32,8 @@ from typing import Any
 import torch
 import yaml
 
+from ..integrations.hf import LM_LOSSES, hyper_parameters
+
 __all__ = ["RecipeError", "load_recipe", "run_cache", "run_train"]
 
 DEFAULTS: dict[str, Any] = {
@@ -39,7 +41,7 @@ DEFAULTS: dict[str, Any] = {
     "corpus": {"train": None, "val": None, "block_length": 64, "eot_token": None},
     "teacher": None, "student": None,
     "cache": None,
-    "method": {"name": "nkd", "ce_weight": 1.0, "temperature": 1.0, "gamma": 1.5, "topk_rest": "zero"},
+    "method": {"name": "nkd", "ce_weight": 1.0, "temperature": 1.0, "gamma": 1.5, "beta": 0.5, "topk_rest": "zero"},
     "optim": {"lr": 1e-3, "weight_decay": 0.0},
     "schedule": {"warmup": 0},
     "train": {"steps": 100, "batch_size": 8, "eval_every": 50, "log_every": 10, "eval_batch_size": 8},
@@ -111,9 +113,9 @@ def load_recipe(path: str | os.PathLike, command: str) -> dict:
     _model_spec("teacher", cfg["teacher"], base, problems)
     _model_spec("student", cfg["student"], base, problems)
     m = cfg["method"]
-    if m["name"] not in ("nkd", "kd", "ce"):
-        problems.append(f"method.name: must be nkd, kd or ce, got {m['name']!r}")
-    for k in ("ce_weight", "temperature", "gamma"):
+    if m["name"] not in (*LM_LOSSES, "ce"):
+        problems.append(f"method.name: must be one of {', '.join((*LM_LOSSES, 'ce'))}, got {m['name']!r}")
+    for k in ("ce_weight", "temperature", "gamma", "beta"):
         if not isinstance(m[k], (int, float)) or isinstance(m[k], bool) or not math.isfinite(m[k]) or m[k] < 0:
             problems.append(f"method.{k}: must be a finite number >= 0, got {m[k]!r}")
     cache = cfg["cache"]
@@ -271,9 +273,9 @@ def run_train(config: str, resume: bool = False, overwrite: bool = False, log=pr
             say(f"resumed at step {step}")
         run.start(yaml.safe_dump({k: v for k, v in cfg.items() if k != "_base"}, sort_keys=False), history)
         n = len(train_blocks)
-        kw = dict(ce_weight=m["ce_weight"], temperature=m["temperature"])
-        if m["name"] == "nkd":
-            kw["gamma"] = m["gamma"]
+        kw = {"ce_weight": m["ce_weight"]}
+        if m["name"] != "ce":  # the method's own hyper-parameters (NKD: temperature, gamma; JSD: beta, temperature)
+            kw.update({k: m[k] for k in hyper_parameters(m["name"]) if k in m})
         if cache is not None:
             kw["topk_rest"] = m["topk_rest"]
         student.train()
