@@ -25,6 +25,7 @@ from torch import Tensor
 
 from . import _common
 from ._common import Rows, compute_dtype
+from ._inplace import Workspace
 from .spec import LossSpec, common_checks
 
 __all__ = ["LinearTeacher", "DenseTeacher", "TopKTeacher", "make_teacher", "fused_linear_loss", "default_chunk_size",
@@ -124,8 +125,19 @@ def _mm_dtype(device: torch.device, *tensors: Tensor) -> torch.dtype:
     return dtype
 
 
-def _linear(h: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    return h @ w.t() if b is None else torch.addmm(b, h, w.t())
+def _linear(h: Tensor, w: Tensor, b: Tensor | None, ws: Workspace | None = None, name: str = "z",
+            dtype: torch.dtype | None = None) -> Tensor:
+    """``h @ w.T + b`` in ``w``'s dtype, then as ``dtype``; with a workspace both land in its buffers
+    (``name`` and ``name + "_mm"``), a buffer the caller may overwrite either way."""
+    dtype = dtype or w.dtype
+    if ws is None:
+        out = None
+    else:
+        out = ws.get(name if dtype == w.dtype else name + "_mm", h.shape[0], w.dtype)
+    z = torch.mm(h, w.t(), out=out) if b is None else torch.addmm(b, h, w.t(), out=out)
+    if z.dtype == dtype:
+        return z
+    return z.to(dtype) if ws is None else ws.get(name, h.shape[0], dtype).copy_(z)
 
 
 
@@ -159,9 +171,9 @@ class LinearTeacher:
         tb = None if self.bias is None else self.bias.detach().to(mm)
         return LinearTeacher(self.hidden.detach().reshape(-1, self.hidden.shape[-1]), self.weight.detach().to(mm), tb)
 
-    def rows(self, sel: slice | Tensor, dtype: torch.dtype) -> Tensor:
+    def rows(self, sel: slice | Tensor, dtype: torch.dtype, ws: Workspace | None = None) -> Tensor:
         h = _take(self.hidden, sel).to(self.weight.dtype)
-        return _linear(h, self.weight, self.bias).to(dtype)
+        return _linear(h, self.weight, self.bias, ws, "u", dtype)
 
 
 @dataclass
@@ -183,8 +195,12 @@ class DenseTeacher:
         _check_lead("teacher_logits", x, lead, "teacher_logits [..., V]")
         return DenseTeacher(x.detach().reshape(-1, vocab))
 
-    def rows(self, sel: slice | Tensor, dtype: torch.dtype) -> Tensor:
-        return _take(self.logits, sel).to(dtype)
+    def rows(self, sel: slice | Tensor, dtype: torch.dtype, ws: Workspace | None = None) -> Tensor:
+        x = _take(self.logits, sel)
+        # a buffer of its own (the in-place kernels overwrite it), never a view of the caller's logits
+        if ws is not None:
+            return ws.get("u", x.shape[0], dtype).copy_(x)
+        return x.clone() if isinstance(sel, slice) and x.dtype == dtype else x.to(dtype)
 
 
 @dataclass
@@ -231,18 +247,19 @@ class TopKTeacher:
                 raise ValueError(f"teacher_topk probabilities must sum to at most 1 per token; the largest sum is {float(mass):.4g}")
         return TopKTeacher(ids2, lp2, self.rest, vocab)
 
-    def rows(self, sel: slice | Tensor, dtype: torch.dtype) -> Tensor:
+    def rows(self, sel: slice | Tensor, dtype: torch.dtype, ws: Workspace | None = None) -> Tensor:
         ids = _take(self.ids, sel)
         lp = _take(self.logprobs, sel).to(dtype)
         c, k = ids.shape
+        u = torch.empty(c, self.vocab, dtype=dtype, device=lp.device) if ws is None else ws.get("u", c, dtype)
         if self.rest == "zero" or k == self.vocab:
-            u = torch.full((c, self.vocab), float("-inf"), dtype=dtype, device=lp.device)
+            u.fill_(float("-inf"))
         else:
             # log r with r = 1 - sum_K p, computed as log(-expm1(logsumexp)) and clamped to tiny
             lse = torch.logsumexp(lp, dim=-1).clamp(max=0.0)
             log_r = torch.log((-torch.expm1(lse)).clamp(min=torch.finfo(dtype).tiny))
             fill = log_r - math.log(self.vocab - k)
-            u = fill[:, None].expand(c, self.vocab).clone()
+            u.copy_(fill[:, None].expand(c, self.vocab))
         return u.scatter_(1, ids, lp)
 
 
@@ -318,12 +335,21 @@ def _spec_rows(spec: LossSpec, ce_weight: float) -> Callable:
     return analytic if spec.dense_analytic else by_autograd
 
 
+def _fast_rows(spec: LossSpec, ce_weight: float) -> Callable | None:
+    """The spec's in-place :meth:`~nkd.losses.spec.LossSpec.chunk_rows` for the chunk loop, if it has one
+    (the CE term inside it: it adds ``ce_weight·CE`` itself)."""
+    if type(spec).chunk_rows is LossSpec.chunk_rows:
+        return None
+    return functools.partial(spec.chunk_rows, ce_weight=ce_weight)
+
+
 # ----------------------------------------------------------------------------- the chunk loop
 @dataclass
 class _Plan:
     """Everything the chunk loop needs besides the differentiable tensors."""
 
     rows_fn: Callable  # (z, u, idx, need_grad) -> (loss [c], grad [c, V] | None)
+    fast_fn: Callable | None  # the spec's in-place chunk_rows (may overwrite z, u; None = use rows_fn)
     teacher: object
     index: Tensor  # [N] class index per row (0 where ignored)
     chunks: list  # slices (all rows valid) or index tensors into the N rows
@@ -352,17 +378,25 @@ def _chunk_pass(plan: _Plan, hidden: Tensor, weight: Tensor, bias: Tensor | None
     acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
     w_mm = weight.to(plan.mm_dtype)
     b_mm = None if bias is None else bias.to(plan.mm_dtype)
+    rows_max = max((c.stop - c.start if isinstance(c, slice) else c.numel() for c in plan.chunks), default=1)
+    ws = Workspace(rows_max, v, hidden.device) if plan.fast_fn is not None else None
     per_row = torch.zeros(n, dtype=plan.cdtype, device=hidden.device)
     gh = torch.zeros(hidden.shape, dtype=_grad_dtype(hidden.dtype), device=hidden.device) if want_h else None
     gw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_w else None
     gb = torch.zeros(v, dtype=acc, device=weight.device) if want_b else None
     for sel in plan.chunks:
         h = _take(hidden, sel).to(plan.mm_dtype)
-        z = _linear(h, w_mm, b_mm).to(plan.cdtype)
-        u = plan.teacher.rows(sel, plan.cdtype)
+        z = _linear(h, w_mm, b_mm, ws, "z", plan.cdtype)
+        u = plan.teacher.rows(sel, plan.cdtype, ws)  # z and u are buffers of their own
         idx = _take(plan.index, sel)
-        loss, g = plan.rows_fn(z, u, idx, need_grad)  # ignored rows are never in a chunk
-        del z, u
+        out = None if plan.fast_fn is None else plan.fast_fn(z, u, idx, need_grad, ws=ws)
+        if out is None:
+            if plan.fast_fn is not None:  # a non-finite row: the chunk again, by the spec's rows()
+                z = _linear(h, w_mm, b_mm, None, "z", plan.cdtype)
+                u = plan.teacher.rows(sel, plan.cdtype)
+            out = plan.rows_fn(z, u, idx, need_grad)  # ignored rows are never in a chunk
+        loss, g = out
+        del z, u, out
         if isinstance(sel, slice):
             per_row[sel] = loss
         else:
@@ -384,7 +418,8 @@ def _chunk_pass(plan: _Plan, hidden: Tensor, weight: Tensor, bias: Tensor | None
             alpha = float(scale)
             if want_b:
                 gb.add_(g.sum(0), alpha=alpha)
-            g = g.to(plan.mm_dtype)
+            if g.dtype != plan.mm_dtype:
+                g = g.to(plan.mm_dtype) if ws is None else ws.get("g_mm", g.shape[0], plan.mm_dtype).copy_(g)
             if want_h:
                 gh_rows = (g @ w_mm).to(gh.dtype).mul_(alpha)  # 1/N applied outside float16
         if want_h:
@@ -395,8 +430,8 @@ def _chunk_pass(plan: _Plan, hidden: Tensor, weight: Tensor, bias: Tensor | None
         if want_w:
             if g.dtype == acc:
                 gw.addmm_(g.t(), h, alpha=alpha)
-            else:
-                gw.add_(g.t() @ h, alpha=alpha)
+            else:  # Gᵀh in the matmul dtype (its own buffer: [V, H] each chunk), accumulated in float32
+                gw.add_(torch.mm(g.t(), h, out=None if ws is None else ws.get("gw", v, g.dtype, h.shape[1])), alpha=alpha)
         del g
     gw = None if gw is None else gw.to(_grad_dtype(weight.dtype))
     gb = None if gb is None else gb.to(_grad_dtype(bias.dtype))
@@ -480,6 +515,7 @@ def fused_linear_loss(spec: LossSpec, hidden: Tensor, weight: Tensor, teacher: T
         chunks = [valid_idx[s : s + cs] for s in range(0, count, cs)]
     plan = _Plan(
         rows_fn=_spec_rows(spec, float(ce_weight)),
+        fast_fn=_fast_rows(spec, float(ce_weight)),
         teacher=prepared,
         index=index,
         chunks=chunks,
