@@ -212,8 +212,9 @@ def test_teacher_equal_to_student_leaves_only_the_target_term():
 
 
 def test_default_chunk_size_bounds_the_buffer():
-    assert default_chunk_size(32000) == 262
-    assert default_chunk_size(128256) == 65
+    assert default_chunk_size(32000) == 256
+    assert default_chunk_size(128256) == 256
+    assert default_chunk_size(262144) == 128  # 2**25 elements: a 128 MiB float32 buffer
     assert default_chunk_size(2**30) == 1
     p = problem(seed=8)
     assert_same(value_and_grads(lambda: fused("nkd", p), p, "mean"), value_and_grads(lambda: materialized("nkd", p), p, "mean"))

@@ -3,12 +3,16 @@
 
 Rows are processed ``chunk_size`` at a time. For each chunk the spec's per-row loss and its
 gradient ``G = ∂L/∂z`` ``[chunk, V]`` are formed — from the spec's analytic gradient where it has
-one (NKD, KD), otherwise by autograd over that chunk alone (``torch.autograd.grad`` of the chunk's
+one (NKD, KD, JSD), otherwise by autograd over that chunk alone (``torch.autograd.grad`` of the chunk's
 rows, e.g. DKD) — and immediately folded into ``∂L/∂h = G W``, ``∂L/∂W += Gᵀ h``,
 ``∂L/∂b += Σ_rows G`` inside the forward pass; backward only scales these by the incoming scalar.
 ``ce_weight`` adds the student's cross-entropy ``−w·log S_t`` in the same pass (fused into the
-spec's rows where the spec takes ``ce_weight``). The teacher is an object that yields its logits
-chunk by chunk — :class:`LinearTeacher` (hidden states + head), :class:`DenseTeacher`,
+spec's rows where the spec takes ``ce_weight``). A spec with an in-place form
+(:meth:`~nkd.losses.spec.LossSpec.chunk_rows`: KD, NKD, JSD; kernels in :mod:`nkd.losses._inplace`)
+gets the chunk's logits as buffers it may overwrite, taken with its temporaries from a
+:class:`~nkd.losses._inplace.Workspace` reused by every chunk; a chunk with a non-finite row
+(``−∞`` logits, a sparse teacher's zeros) is recomputed and goes through the spec's ``rows()``.
+The teacher is an object that yields its logits chunk by chunk — :class:`LinearTeacher` (hidden states + head), :class:`DenseTeacher`,
 :class:`TopKTeacher` — built by the caller or by :func:`make_teacher` from keywords. The maths of
 the public functions, the sparse-teacher definitions and the precision rules: :mod:`nkd.losses.fused`.
 """
@@ -32,14 +36,16 @@ __all__ = ["LinearTeacher", "DenseTeacher", "TopKTeacher", "make_teacher", "fuse
            "TOPK_REST", "check_settings", "check_topk_rest"]
 
 TOPK_REST = ("zero", "uniform")
-_CHUNK_ELEMENTS = 2**23  # one [chunk, V] float32 buffer ≈ 32 MiB
+_CHUNK_ROWS = 256  # rows per chunk by default: fewer rows re-read the [V, H] heads more often (4 matmuls per chunk)
+_CHUNK_ELEMENTS = 2**25  # but one [chunk, V] float32 buffer at most ≈ 128 MiB
 _LOGPROB_TOL = 1e-4  # stored log-probabilities may exceed 0 by rounding
 _MASS_TOL = 1e-3  # and their probabilities may sum slightly above 1
 
 
 def default_chunk_size(vocab_size: int) -> int:
-    """Rows per chunk when ``chunk_size=None``: ``max(1, 2**23 // V)`` (≈ 32 MiB per float32 buffer)."""
-    return max(1, _CHUNK_ELEMENTS // max(int(vocab_size), 1))
+    """Rows per chunk when ``chunk_size=None``: ``max(1, min(256, 2**25 // V))`` (256 rows, fewer where
+    a ``[chunk, V]`` float32 buffer would pass 128 MiB)."""
+    return max(1, min(_CHUNK_ROWS, _CHUNK_ELEMENTS // max(int(vocab_size), 1)))
 
 
 # ----------------------------------------------------------------------------- validation
