@@ -282,7 +282,7 @@ def main() -> None:
     dtypes = [d for d in args.dtypes.split(",") if d]
     runs = [(v, d) for d in dtypes for v in variants if d == "float32" or not v.startswith("materialized")]
 
-    cs = args.chunk_size or default_chunk_size(args.v)
+    cs = args.chunk_size or "/".join(str(default_chunk_size(args.v, DTYPES[d])) for d in args.dtypes.split(",") if d)
     with open("/proc/cpuinfo") as f:
         cpu_model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.processor())
     load = os.getloadavg()

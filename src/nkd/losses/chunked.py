@@ -36,16 +36,17 @@ __all__ = ["LinearTeacher", "DenseTeacher", "TopKTeacher", "make_teacher", "fuse
            "TOPK_REST", "check_settings", "check_topk_rest"]
 
 TOPK_REST = ("zero", "uniform")
-_CHUNK_ROWS = 256  # rows per chunk by default: fewer rows re-read the [V, H] heads more often (4 matmuls per chunk)
-_CHUNK_ELEMENTS = 2**25  # but one [chunk, V] float32 buffer at most ≈ 128 MiB
+_CHUNK_ROWS = 512  # rows per chunk by default: fewer rows re-read the [V, H] heads more often (4 matmuls per chunk)
+_CHUNK_BYTES = 2**27  # but one [chunk, V] logits buffer (matmul dtype) at most 128 MiB
 _LOGPROB_TOL = 1e-4  # stored log-probabilities may exceed 0 by rounding
 _MASS_TOL = 1e-3  # and their probabilities may sum slightly above 1
 
 
-def default_chunk_size(vocab_size: int) -> int:
-    """Rows per chunk when ``chunk_size=None``: ``max(1, min(256, 2**25 // V))`` (256 rows, fewer where
-    a ``[chunk, V]`` float32 buffer would pass 128 MiB)."""
-    return max(1, min(_CHUNK_ROWS, _CHUNK_ELEMENTS // max(int(vocab_size), 1)))
+def default_chunk_size(vocab_size: int, dtype: torch.dtype = torch.float32) -> int:
+    """Rows per chunk when ``chunk_size=None``: ``max(1, min(512, 2**27 // (V·itemsize)))`` — 512 rows,
+    fewer where a ``[chunk, V]`` logits buffer of the matmul ``dtype`` would pass 128 MiB."""
+    item = torch.empty((), dtype=dtype).element_size()
+    return max(1, min(_CHUNK_ROWS, _CHUNK_BYTES // (max(int(vocab_size), 1) * item)))
 
 
 # ----------------------------------------------------------------------------- validation
@@ -131,19 +132,9 @@ def _mm_dtype(device: torch.device, *tensors: Tensor) -> torch.dtype:
     return dtype
 
 
-def _linear(h: Tensor, w: Tensor, b: Tensor | None, ws: Workspace | None = None, name: str = "z",
-            dtype: torch.dtype | None = None) -> Tensor:
-    """``h @ w.T + b`` in ``w``'s dtype, then as ``dtype``; with a workspace both land in its buffers
-    (``name`` and ``name + "_mm"``), a buffer the caller may overwrite either way."""
-    dtype = dtype or w.dtype
-    if ws is None:
-        out = None
-    else:
-        out = ws.get(name if dtype == w.dtype else name + "_mm", h.shape[0], w.dtype)
-    z = torch.mm(h, w.t(), out=out) if b is None else torch.addmm(b, h, w.t(), out=out)
-    if z.dtype == dtype:
-        return z
-    return z.to(dtype) if ws is None else ws.get(name, h.shape[0], dtype).copy_(z)
+def _linear(h: Tensor, w: Tensor, b: Tensor | None, out: Tensor | None = None) -> Tensor:
+    """``h @ w.T + b`` (into ``out`` if given)."""
+    return torch.mm(h, w.t(), out=out) if b is None else torch.addmm(b, h, w.t(), out=out)
 
 
 
@@ -177,9 +168,14 @@ class LinearTeacher:
         tb = None if self.bias is None else self.bias.detach().to(mm)
         return LinearTeacher(self.hidden.detach().reshape(-1, self.hidden.shape[-1]), self.weight.detach().to(mm), tb)
 
-    def rows(self, sel: slice | Tensor, dtype: torch.dtype, ws: Workspace | None = None) -> Tensor:
+    def rows(self, sel: slice | Tensor, dtype: torch.dtype) -> Tensor:
         h = _take(self.hidden, sel).to(self.weight.dtype)
-        return _linear(h, self.weight, self.bias, ws, "u", dtype)
+        return _linear(h, self.weight, self.bias).to(dtype)
+
+    def chunk(self, sel: slice | Tensor, dtype: torch.dtype, ws: Workspace) -> tuple[Tensor, bool]:
+        """The chunk's logits in the head's dtype, in the workspace (a buffer the caller may overwrite)."""
+        h = _take(self.hidden, sel).to(self.weight.dtype)
+        return _linear(h, self.weight, self.bias, ws.get("u", h.shape[0], self.weight.dtype)), True
 
 
 @dataclass
@@ -201,12 +197,13 @@ class DenseTeacher:
         _check_lead("teacher_logits", x, lead, "teacher_logits [..., V]")
         return DenseTeacher(x.detach().reshape(-1, vocab))
 
-    def rows(self, sel: slice | Tensor, dtype: torch.dtype, ws: Workspace | None = None) -> Tensor:
-        x = _take(self.logits, sel)
-        # a buffer of its own (the in-place kernels overwrite it), never a view of the caller's logits
-        if ws is not None:
-            return ws.get("u", x.shape[0], dtype).copy_(x)
-        return x.clone() if isinstance(sel, slice) and x.dtype == dtype else x.to(dtype)
+    def rows(self, sel: slice | Tensor, dtype: torch.dtype) -> Tensor:
+        return _take(self.logits, sel).to(dtype)
+
+    def chunk(self, sel: slice | Tensor, dtype: torch.dtype, ws: Workspace) -> tuple[Tensor, bool]:
+        """The chunk's logits as given, and whether they are a buffer of their own (not for a slice:
+        a view of the caller's logits, never overwritten)."""
+        return _take(self.logits, sel), not isinstance(sel, slice)
 
 
 @dataclass
@@ -252,6 +249,10 @@ class TopKTeacher:
             if float(mass) > 1 + _MASS_TOL:
                 raise ValueError(f"teacher_topk probabilities must sum to at most 1 per token; the largest sum is {float(mass):.4g}")
         return TopKTeacher(ids2, lp2, self.rest, vocab)
+
+    def chunk(self, sel: slice | Tensor, dtype: torch.dtype, ws: Workspace) -> tuple[Tensor, bool]:
+        """The chunk's log-probability vectors in ``dtype``, in the workspace."""
+        return self.rows(sel, dtype, ws), True
 
     def rows(self, sel: slice | Tensor, dtype: torch.dtype, ws: Workspace | None = None) -> Tensor:
         ids = _take(self.ids, sel)
@@ -371,6 +372,46 @@ def _grad_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.float16 else dtype
 
 
+_BLOCK_ELEMENTS = 2**20  # rows of a chunk the in-place kernels take at once: ≈ 4 MiB per float32 buffer, cache-sized
+_BLOCK_ROWS_MIN = 8
+
+
+def _block_rows(vocab: int) -> int:
+    """Rows per block of a chunk for the in-place kernels: ``max(8, 2**20 // V)``."""
+    return max(_BLOCK_ROWS_MIN, _BLOCK_ELEMENTS // max(vocab, 1))
+
+
+def _fast_chunk(plan: _Plan, h: Tensor, w_mm: Tensor, b_mm: Tensor | None, sel: slice | Tensor, idx: Tensor, need_grad: bool,
+                big: Workspace, small: Workspace, rs: Tensor | None, want_b: bool):
+    """One chunk by the spec's in-place kernel: the logits of the whole chunk by one matmul each
+    (student, teacher), the kernel on blocks of :func:`_block_rows` rows (its passes over a block
+    stay in cache; bf16/float16 logits are cast block by block into float32 buffers). Returns
+    ``(loss [c], G [c, V] in the matmul dtype | None, Σ_rows G (weighted by ``rs``) | None)``, the
+    gradient written into the student logits' buffer; or ``None`` when a block has a non-finite row."""
+    c, cdtype = h.shape[0], plan.cdtype
+    zb = _linear(h, w_mm, b_mm, big.get("z", c, w_mm.dtype))
+    ub, owned = plan.teacher.chunk(sel, cdtype, big)
+    loss = torch.empty(c, dtype=cdtype, device=h.device)
+    gsum = torch.zeros(zb.shape[1], dtype=cdtype, device=h.device) if need_grad and want_b else None
+    step = _block_rows(zb.shape[1])
+    for r0 in range(0, c, step):
+        r = slice(r0, min(r0 + step, c))
+        nr = r.stop - r0
+        zs = zb[r] if zb.dtype == cdtype else small.get("z", nr, cdtype).copy_(zb[r])
+        us = ub[r] if owned and ub.dtype == cdtype else small.get("u", nr, cdtype).copy_(ub[r])
+        out = plan.fast_fn(zs, us, idx[r], need_grad, ws=small)
+        if out is None:
+            return None
+        loss[r], g = out
+        if g is None:
+            continue
+        if gsum is not None:
+            gsum.add_(g.sum(0) if rs is None else rs[r].to(g.dtype) @ g)
+        if g.data_ptr() != zb[r].data_ptr() or g.dtype != zb.dtype:
+            zb[r].copy_(g)
+    return loss, (zb if need_grad else None), gsum
+
+
 def _chunk_pass(plan: _Plan, hidden: Tensor, weight: Tensor, bias: Tensor | None, scale, want: tuple[bool, bool, bool]):
     """Run every chunk: per-row losses ``[N]`` and the gradients scaled by ``scale``
     (``∂L/∂h = s·(G W)``, ``∂L/∂W += Gᵀ (s·h)``, ``∂L/∂b += sᵀ G``, so ``G`` itself is never scaled).
@@ -385,24 +426,28 @@ def _chunk_pass(plan: _Plan, hidden: Tensor, weight: Tensor, bias: Tensor | None
     w_mm = weight.to(plan.mm_dtype)
     b_mm = None if bias is None else bias.to(plan.mm_dtype)
     rows_max = max((c.stop - c.start if isinstance(c, slice) else c.numel() for c in plan.chunks), default=1)
-    ws = Workspace(rows_max, v, hidden.device) if plan.fast_fn is not None else None
+    big = Workspace(rows_max, v, hidden.device)  # chunk-sized buffers (logits, bf16 Gᵀh)
+    small = Workspace(min(rows_max, _block_rows(v)), v, hidden.device)  # block-sized (the kernels' temporaries)
     per_row = torch.zeros(n, dtype=plan.cdtype, device=hidden.device)
     gh = torch.zeros(hidden.shape, dtype=_grad_dtype(hidden.dtype), device=hidden.device) if want_h else None
     gw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_w else None
     gb = torch.zeros(v, dtype=acc, device=weight.device) if want_b else None
     for sel in plan.chunks:
         h = _take(hidden, sel).to(plan.mm_dtype)
-        z = _linear(h, w_mm, b_mm, ws, "z", plan.cdtype)
-        u = plan.teacher.rows(sel, plan.cdtype, ws)  # z and u are buffers of their own
         idx = _take(plan.index, sel)
-        out = None if plan.fast_fn is None else plan.fast_fn(z, u, idx, need_grad, ws=ws)
-        if out is None:
-            if plan.fast_fn is not None:  # a non-finite row: the chunk again, by the spec's rows()
-                z = _linear(h, w_mm, b_mm, None, "z", plan.cdtype)
-                u = plan.teacher.rows(sel, plan.cdtype)
-            out = plan.rows_fn(z, u, idx, need_grad)  # ignored rows are never in a chunk
-        loss, g = out
-        del z, u, out
+        rs = _take(scale, sel) if isinstance(scale, Tensor) else None
+        fast = None
+        if plan.fast_fn is not None:
+            fast = _fast_chunk(plan, h, w_mm, b_mm, sel, idx, need_grad, big, small, rs, want_b)
+        if fast is None:  # no in-place kernel, or a non-finite row: the chunk (again) by the spec's rows()
+            z = _linear(h, w_mm, b_mm).to(plan.cdtype)
+            u = plan.teacher.rows(sel, plan.cdtype)
+            loss, g = plan.rows_fn(z, u, idx, need_grad)  # ignored rows are never in a chunk
+            del z, u
+            gsum = None
+        else:
+            loss, g, gsum = fast
+        del fast
         if isinstance(sel, slice):
             per_row[sel] = loss
         else:
@@ -410,10 +455,10 @@ def _chunk_pass(plan: _Plan, hidden: Tensor, weight: Tensor, bias: Tensor | None
         if g is None:
             continue
         # the reduction weight is applied to the small products, not to g [chunk, V] (one pass less)
-        if isinstance(scale, Tensor):
-            rs = _take(scale, sel).to(g.dtype)  # per-row weights (reduction "none")
+        if rs is not None:  # per-row weights (reduction "none")
+            rs = rs.to(plan.cdtype)
             if want_b:
-                gb.add_(rs @ g)
+                gb.add_(rs @ g if gsum is None else gsum)
             g = g.to(plan.mm_dtype)
             if want_h:
                 gh_rows = (g @ w_mm).to(gh.dtype).mul_(rs[:, None].to(gh.dtype))
@@ -423,9 +468,8 @@ def _chunk_pass(plan: _Plan, hidden: Tensor, weight: Tensor, bias: Tensor | None
         else:
             alpha = float(scale)
             if want_b:
-                gb.add_(g.sum(0), alpha=alpha)
-            if g.dtype != plan.mm_dtype:
-                g = g.to(plan.mm_dtype) if ws is None else ws.get("g_mm", g.shape[0], plan.mm_dtype).copy_(g)
+                gb.add_(g.sum(0) if gsum is None else gsum, alpha=alpha)
+            g = g.to(plan.mm_dtype)
             if want_h:
                 gh_rows = (g @ w_mm).to(gh.dtype).mul_(alpha)  # 1/N applied outside float16
         if want_h:
@@ -436,8 +480,12 @@ def _chunk_pass(plan: _Plan, hidden: Tensor, weight: Tensor, bias: Tensor | None
         if want_w:
             if g.dtype == acc:
                 gw.addmm_(g.t(), h, alpha=alpha)
-            else:  # Gᵀh in the matmul dtype (its own buffer: [V, H] each chunk), accumulated in float32
-                gw.add_(torch.mm(g.t(), h, out=None if ws is None else ws.get("gw", v, g.dtype, h.shape[1])), alpha=alpha)
+            else:  # Gᵀh in the matmul dtype, accumulated in float32 block by block (cast in a cache-sized buffer)
+                prod = torch.mm(g.t(), h, out=big.get("gw", v, g.dtype, h.shape[1]))
+                step = _block_rows(h.shape[1])
+                for r0 in range(0, v, step):
+                    blk = prod[r0 : r0 + step]
+                    gw[r0 : r0 + step].add_(small.get("gw", blk.shape[0], acc, h.shape[1]).copy_(blk), alpha=alpha)
         del g
     gw = None if gw is None else gw.to(_grad_dtype(weight.dtype))
     gb = None if gb is None else gb.to(_grad_dtype(bias.dtype))
@@ -514,7 +562,8 @@ def fused_linear_loss(spec: LossSpec, hidden: Tensor, weight: Tensor, teacher: T
         index = torch.where(valid, t, torch.zeros_like(t))
         count = int(valid.sum())
         valid_idx = None if count == n else valid.nonzero().squeeze(1)
-    cs = chunk_size or default_chunk_size(vocab)
+    mm_dtype = _mm_dtype(device, hidden, weight, *(() if bias is None else (bias,)))
+    cs = chunk_size or default_chunk_size(vocab, mm_dtype)
     if valid_idx is None:
         chunks = [slice(s, min(s + cs, n)) for s in range(0, n, cs)]
     else:
@@ -527,7 +576,7 @@ def fused_linear_loss(spec: LossSpec, hidden: Tensor, weight: Tensor, teacher: T
         chunks=chunks,
         count=count,
         cdtype=compute_dtype(torch.promote_types(hidden.dtype, weight.dtype)),
-        mm_dtype=_mm_dtype(device, hidden, weight, *(() if bias is None else (bias,))),
+        mm_dtype=mm_dtype,
         reduction=reduction,
     )
     grad_on = torch.is_grad_enabled()

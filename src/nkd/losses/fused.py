@@ -59,10 +59,12 @@ the incoming gradient, so a loss scale (``GradScaler``'s 2**16) neither overflow
 them. The losses are once differentiable: backward with ``create_graph=True`` raises.
 
 Hard integer labels only (``target`` ``[...]``, ``ignore_index`` rows left out of the mean). The
-default ``chunk_size`` is ``max(1, min(256, 2**25 // V))`` rows: 256 (at ``V = 32000`` and ``V = 128256``:
-one ``[chunk, V]`` float32 buffer of 31 / 125 MiB), fewer where a buffer would pass 128 MiB. Fewer
-rows per chunk re-read both LM heads more often (four matmuls per chunk), which at ``V = 128256``
-costs more than the memory saved (``benchmarks/RESULTS.md``, issue 19).
+default ``chunk_size`` is ``max(1, min(512, 2**27 // (V·itemsize)))`` rows, ``itemsize`` that of the
+matmul dtype: 512 rows, fewer where one ``[chunk, V]`` logits buffer would pass 128 MiB (float32:
+512 rows at ``V = 32000``, 261 at ``V = 128256``; bf16: 512 at both). Fewer rows per chunk re-read
+both LM heads more often (four matmuls per chunk), which costs more than the memory saved; the loss
+maths runs on blocks of ``max(8, 2**20 // V)`` rows of a chunk, whose buffers stay in cache
+(``benchmarks/RESULTS.md``, issue 19).
 """
 
 from __future__ import annotations
