@@ -15,13 +15,18 @@ import tensors
 from nkd.losses import (
     FusedLinearKDLoss,
     FusedLinearNKDLoss,
+    chunked,
     fused_linear_kd_loss,
     fused_linear_nkd_loss,
     kd_loss,
     nkd_loss,
     value_checks,
 )
-from nkd.losses.fused import default_chunk_size
+from nkd.losses.chunked import _spec_rows
+from nkd.losses.fused import default_chunk_size, fused_linear_jsd_loss
+from nkd.losses.jsd import JSD, jsd_loss
+from nkd.losses.kd import KD
+from nkd.losses.nkd import NKD
 from tensors import D
 
 
@@ -212,8 +217,9 @@ def test_teacher_equal_to_student_leaves_only_the_target_term():
 
 
 def test_default_chunk_size_bounds_the_buffer():
-    assert default_chunk_size(32000) == 262
-    assert default_chunk_size(128256) == 65
+    assert default_chunk_size(32000) == 512
+    assert default_chunk_size(128256) == 261  # a [chunk, V] float32 buffer of at most 128 MiB
+    assert default_chunk_size(128256, torch.bfloat16) == 512
     assert default_chunk_size(2**30) == 1
     p = problem(seed=8)
     assert_same(value_and_grads(lambda: fused("nkd", p), p, "mean"), value_and_grads(lambda: materialized("nkd", p), p, "mean"))
@@ -371,6 +377,97 @@ def test_float32_matches_float64_reference():
     for a, b in zip(ours, ref):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- the in-place kernels
+KERNEL_SPECS = [KD(temperature=1.0), KD(temperature=2.5), NKD(temperature=1.0, gamma=1.5), NKD(temperature=3.0, gamma=1.3),
+                JSD(beta=0.0), JSD(beta=0.0, temperature=2.0), JSD(beta=0.5), JSD(beta=0.3, temperature=1.7), JSD(beta=1.0),
+                JSD(beta=1.0, temperature=0.7)]
+
+
+@pytest.mark.parametrize("spec", KERNEL_SPECS, ids=repr)
+@pytest.mark.parametrize("ce_weight", [0.0, 0.7])
+def test_in_place_kernel_equals_the_spec_rows(spec, ce_weight):
+    """chunk_rows (in place, no masks) = rows() (+ the CE term), value and gradient, with and without grad."""
+    z, u = rand(9, 50, seed=30, scale=3.0), rand(9, 50, seed=31, scale=3.0)
+    idx = labels((9,), 50, seed=32)
+    ref = _spec_rows(spec, ce_weight)(z.clone(), u.clone(), idx, True)
+    loss, grad = spec.chunk_rows(z.clone(), u.clone(), idx, True, ce_weight=ce_weight)
+    torch.testing.assert_close(loss, ref[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, ref[1], rtol=1e-12, atol=1e-12)
+    loss2, none = spec.chunk_rows(z.clone(), u.clone(), idx, False, ce_weight=ce_weight)
+    assert none is None
+    torch.testing.assert_close(loss2, loss, rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("spec", [KD(temperature=1.0), JSD(beta=0.0), JSD(beta=0.5), JSD(beta=1.0)], ids=repr)
+def test_in_place_kernel_declines_a_non_finite_row(spec):
+    """A teacher with −∞ logits (a sparse teacher's zeros): 0·log 0 terms are NaN without masks, so the
+    kernel returns None and the driver takes rows()."""
+    z, u = rand(4, 10, seed=33), rand(4, 10, seed=34)
+    u[1, 3] = float("-inf")
+    assert spec.chunk_rows(z.clone(), u.clone(), torch.zeros(4, dtype=torch.long), True) is None
+
+
+@pytest.mark.parametrize("method", ["nkd", "kd", "jsd0", "jsd3", "jsd1"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_blocks_within_a_chunk_and_a_fallback_block(monkeypatch, method, reduction):
+    """Chunks of 7 rows run by the kernels in blocks of 3; one student logit −∞ sends its chunk to rows()."""
+    monkeypatch.setattr(chunked, "_BLOCK_ELEMENTS", 1)
+    monkeypatch.setattr(chunked, "_BLOCK_ROWS_MIN", 3)
+    p = problem(n=20, v=11, seed=35)
+    if method in ("nkd", "kd"):
+        ours = value_and_grads(lambda: fused(method, p, reduction=reduction, ce_weight=0.4, chunk_size=7), p, reduction)
+        ref = value_and_grads(lambda: materialized(method, p, reduction=reduction, ce_weight=0.4), p, reduction)
+        assert_same(ours, ref)
+    else:
+        beta = {"jsd0": 0.0, "jsd3": 0.3, "jsd1": 1.0}[method]
+        th, tw, tb = p["teacher_hidden"], p["teacher_weight"], p["teacher_bias"]
+
+        def run(**kw):
+            return fused_linear_jsd_loss(p["hidden"], p["weight"], th, tw, p["target"], bias=p["bias"], teacher_bias=tb, beta=beta,
+                                         temperature=1.5, reduction=reduction, **kw)
+
+        ours = value_and_grads(lambda: run(chunk_size=7), p, reduction)
+        with monkeypatch.context() as m:
+            m.setattr(chunked, "_fast_rows", lambda spec, w: None)  # rows() only
+            ref = value_and_grads(lambda: run(chunk_size=7), p, reduction)
+        assert_same(ours, ref, rtol=1e-12, atol=1e-14)
+    # a −∞ student logit (a masked vocabulary entry): the kernels decline, rows() masks its 0·log 0 terms
+    with torch.no_grad():
+        p["bias"][4] = float("-inf")
+    if method in ("nkd", "kd"):
+        ours = fused(method, p, reduction=reduction, chunk_size=7)
+        ref = materialized(method, p, reduction=reduction)
+        torch.testing.assert_close(ours, ref, rtol=1e-7, atol=1e-12)
+
+
+def test_dense_teacher_logits_are_not_overwritten():
+    p = problem(n=12, v=9, seed=36)
+    u = rand(12, 9, seed=37)
+    keep = u.clone()
+    for fn in (fused_linear_nkd_loss, fused_linear_kd_loss, fused_linear_jsd_loss):
+        fn(p["hidden"], p["weight"], target=p["target"], teacher_logits=u, chunk_size=5).backward()
+        assert torch.equal(u, keep)
+
+
+@pytest.mark.parametrize("method", ["nkd", "kd", "jsd"])
+def test_bf16_logits_with_float32_maths_match_float64_of_the_same_logits(method):
+    """bf16 inputs: the logits of the bf16 matmul, the loss maths in float32 — within 1e-5 of float64 on those logits."""
+    g = torch.Generator().manual_seed(38)
+    n, h, v = 64, 32, 3000
+    hidden = torch.randn(n, h, generator=g).bfloat16().requires_grad_(True)
+    weight = (torch.randn(v, h, generator=g) * h**-0.5).bfloat16().requires_grad_(True)
+    th, tw = torch.randn(n, h, generator=g).bfloat16(), (torch.randn(v, h, generator=g) * 1.5 * h**-0.5).bfloat16()
+    t = torch.randint(0, v, (n,), generator=g)
+    fn = {"nkd": fused_linear_nkd_loss, "kd": fused_linear_kd_loss, "jsd": fused_linear_jsd_loss}[method]
+    out = fn(hidden, weight, th, tw, t, chunk_size=24)
+    z, u = (hidden.detach() @ weight.detach().T).double(), (th @ tw.T).double()
+    ref = {"nkd": nkd_loss(z, u, t), "kd": kd_loss(z, u, t, temperature=1.0), "jsd": jsd_loss(z, u, t)}[method]
+    assert out.dtype == torch.float32
+    assert abs(float(out.detach()) - float(ref)) <= 1e-5 * abs(float(ref))
+    out.backward()
+    assert hidden.grad.dtype == torch.bfloat16 and weight.grad.dtype == torch.bfloat16
 
 
 # ----------------------------------------------------------------------------- teachers are constants, empty input

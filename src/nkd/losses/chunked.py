@@ -3,12 +3,16 @@
 
 Rows are processed ``chunk_size`` at a time. For each chunk the spec's per-row loss and its
 gradient ``G = ∂L/∂z`` ``[chunk, V]`` are formed — from the spec's analytic gradient where it has
-one (NKD, KD), otherwise by autograd over that chunk alone (``torch.autograd.grad`` of the chunk's
+one (NKD, KD, JSD), otherwise by autograd over that chunk alone (``torch.autograd.grad`` of the chunk's
 rows, e.g. DKD) — and immediately folded into ``∂L/∂h = G W``, ``∂L/∂W += Gᵀ h``,
 ``∂L/∂b += Σ_rows G`` inside the forward pass; backward only scales these by the incoming scalar.
 ``ce_weight`` adds the student's cross-entropy ``−w·log S_t`` in the same pass (fused into the
-spec's rows where the spec takes ``ce_weight``). The teacher is an object that yields its logits
-chunk by chunk — :class:`LinearTeacher` (hidden states + head), :class:`DenseTeacher`,
+spec's rows where the spec takes ``ce_weight``). A spec with an in-place form
+(:meth:`~nkd.losses.spec.LossSpec.chunk_rows`: KD, NKD, JSD; kernels in :mod:`nkd.losses._inplace`)
+gets the chunk's logits as buffers it may overwrite, taken with its temporaries from a
+:class:`~nkd.losses._inplace.Workspace` reused by every chunk; a chunk with a non-finite row
+(``−∞`` logits, a sparse teacher's zeros) is recomputed and goes through the spec's ``rows()``.
+The teacher is an object that yields its logits chunk by chunk — :class:`LinearTeacher` (hidden states + head), :class:`DenseTeacher`,
 :class:`TopKTeacher` — built by the caller or by :func:`make_teacher` from keywords. The maths of
 the public functions, the sparse-teacher definitions and the precision rules: :mod:`nkd.losses.fused`.
 """
@@ -25,20 +29,24 @@ from torch import Tensor
 
 from . import _common
 from ._common import Rows, compute_dtype
+from ._inplace import Workspace
 from .spec import LossSpec, common_checks
 
 __all__ = ["LinearTeacher", "DenseTeacher", "TopKTeacher", "make_teacher", "fused_linear_loss", "default_chunk_size",
            "TOPK_REST", "check_settings", "check_topk_rest"]
 
 TOPK_REST = ("zero", "uniform")
-_CHUNK_ELEMENTS = 2**23  # one [chunk, V] float32 buffer ≈ 32 MiB
+_CHUNK_ROWS = 512  # rows per chunk by default: fewer rows re-read the [V, H] heads more often (4 matmuls per chunk)
+_CHUNK_BYTES = 2**27  # but one [chunk, V] logits buffer (matmul dtype) at most 128 MiB
 _LOGPROB_TOL = 1e-4  # stored log-probabilities may exceed 0 by rounding
 _MASS_TOL = 1e-3  # and their probabilities may sum slightly above 1
 
 
-def default_chunk_size(vocab_size: int) -> int:
-    """Rows per chunk when ``chunk_size=None``: ``max(1, 2**23 // V)`` (≈ 32 MiB per float32 buffer)."""
-    return max(1, _CHUNK_ELEMENTS // max(int(vocab_size), 1))
+def default_chunk_size(vocab_size: int, dtype: torch.dtype = torch.float32) -> int:
+    """Rows per chunk when ``chunk_size=None``: ``max(1, min(512, 2**27 // (V·itemsize)))`` — 512 rows,
+    fewer where a ``[chunk, V]`` logits buffer of the matmul ``dtype`` would pass 128 MiB."""
+    item = torch.empty((), dtype=dtype).element_size()
+    return max(1, min(_CHUNK_ROWS, _CHUNK_BYTES // (max(int(vocab_size), 1) * item)))
 
 
 # ----------------------------------------------------------------------------- validation
@@ -127,8 +135,9 @@ def _mm_dtype(device: torch.device, *tensors: Tensor) -> torch.dtype:
     return dtype
 
 
-def _linear(h: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    return h @ w.t() if b is None else torch.addmm(b, h, w.t())
+def _linear(h: Tensor, w: Tensor, b: Tensor | None, out: Tensor | None = None) -> Tensor:
+    """``h @ w.T + b`` (into ``out`` if given)."""
+    return torch.mm(h, w.t(), out=out) if b is None else torch.addmm(b, h, w.t(), out=out)
 
 
 
@@ -166,6 +175,11 @@ class LinearTeacher:
         h = _take(self.hidden, sel).to(self.weight.dtype)
         return _linear(h, self.weight, self.bias).to(dtype)
 
+    def chunk(self, sel: slice | Tensor, dtype: torch.dtype, ws: Workspace) -> tuple[Tensor, bool]:
+        """The chunk's logits in the head's dtype, in the workspace (a buffer the caller may overwrite)."""
+        h = _take(self.hidden, sel).to(self.weight.dtype)
+        return _linear(h, self.weight, self.bias, ws.get("u", h.shape[0], self.weight.dtype)), True
+
 
 @dataclass
 class DenseTeacher:
@@ -188,6 +202,11 @@ class DenseTeacher:
 
     def rows(self, sel: slice | Tensor, dtype: torch.dtype) -> Tensor:
         return _take(self.logits, sel).to(dtype)
+
+    def chunk(self, sel: slice | Tensor, dtype: torch.dtype, ws: Workspace) -> tuple[Tensor, bool]:
+        """The chunk's logits as given, and whether they are a buffer of their own (not for a slice:
+        a view of the caller's logits, never overwritten)."""
+        return _take(self.logits, sel), not isinstance(sel, slice)
 
 
 @dataclass
@@ -234,18 +253,23 @@ class TopKTeacher:
                 raise ValueError(f"teacher_topk probabilities must sum to at most 1 per token; the largest sum is {float(mass):.4g}")
         return TopKTeacher(ids2, lp2, self.rest, vocab)
 
-    def rows(self, sel: slice | Tensor, dtype: torch.dtype) -> Tensor:
+    def chunk(self, sel: slice | Tensor, dtype: torch.dtype, ws: Workspace) -> tuple[Tensor, bool]:
+        """The chunk's log-probability vectors in ``dtype``, in the workspace."""
+        return self.rows(sel, dtype, ws), True
+
+    def rows(self, sel: slice | Tensor, dtype: torch.dtype, ws: Workspace | None = None) -> Tensor:
         ids = _take(self.ids, sel)
         lp = _take(self.logprobs, sel).to(dtype)
         c, k = ids.shape
+        u = torch.empty(c, self.vocab, dtype=dtype, device=lp.device) if ws is None else ws.get("u", c, dtype)
         if self.rest == "zero" or k == self.vocab:
-            u = torch.full((c, self.vocab), float("-inf"), dtype=dtype, device=lp.device)
+            u.fill_(float("-inf"))
         else:
             # log r with r = 1 - sum_K p, computed as log(-expm1(logsumexp)) and clamped to tiny
             lse = torch.logsumexp(lp, dim=-1).clamp(max=0.0)
             log_r = torch.log((-torch.expm1(lse)).clamp(min=torch.finfo(dtype).tiny))
             fill = log_r - math.log(self.vocab - k)
-            u = fill[:, None].expand(c, self.vocab).clone()
+            u.copy_(fill[:, None].expand(c, self.vocab))
         return u.scatter_(1, ids, lp)
 
 
@@ -326,6 +350,14 @@ def _spec_rows(spec: LossSpec, ce_weight: float) -> Callable:
     return analytic if spec.dense_analytic else by_autograd
 
 
+def _fast_rows(spec: LossSpec, ce_weight: float) -> Callable | None:
+    """The spec's in-place :meth:`~nkd.losses.spec.LossSpec.chunk_rows` for the chunk loop, if it has one
+    (the CE term inside it: it adds ``ce_weight·CE`` itself)."""
+    if type(spec).chunk_rows is LossSpec.chunk_rows:
+        return None
+    return functools.partial(spec.chunk_rows, ce_weight=ce_weight)
+
+
 # ----------------------------------------------------------------------------- the chunk loop
 def _grad_dtype(dtype: torch.dtype) -> torch.dtype:
     """Dtype a gradient is held in until backward: float16 (max 65504, normal down to 6e-5) cannot
@@ -365,14 +397,17 @@ class _Head:
         h = _take(self.hidden, sel).to(self.mm_dtype)
         return h, _linear(h, self.w_mm, self.b_mm).to(dtype)
 
-    def fold(self, sel: slice | Tensor, h: Tensor, g: Tensor, scale: float | Tensor) -> None:
-        """Fold the chunk's ``G`` ``[chunk, V]`` into the gradients (``h``: the chunk's rows from :meth:`logits`)."""
+    def fold(self, sel: slice | Tensor, h: Tensor, g: Tensor, scale: float | Tensor, gsum: Tensor | None = None,
+             ws: tuple[Workspace, Workspace] | None = None) -> None:
+        """Fold the chunk's ``G`` ``[chunk, V]`` into the gradients (``h``: the chunk's rows from :meth:`logits`).
+        ``gsum``: ``Σ_rows G`` (weighted by the per-row scale) when the kernel already formed it; ``ws``:
+        workspaces in which a low-precision ``Gᵀh`` is accumulated into float32 block by block."""
         want_h, want_w, want_b = self.want
         # the reduction weight is applied to the small products, not to g [chunk, V] (one pass less)
         if isinstance(scale, Tensor):
-            rs = _take(scale, sel).to(g.dtype)  # per-row weights (reduction "none")
+            rs = _take(scale, sel).to(self.acc if g.dtype in (torch.bfloat16, torch.float16) else g.dtype)
             if want_b:
-                self.gb.add_(rs @ g)
+                self.gb.add_(rs.to(g.dtype) @ g if gsum is None else gsum)
             g = g.to(self.mm_dtype)
             if want_h:
                 gh_rows = (g @ self.w_mm).to(self.gh.dtype).mul_(rs[:, None].to(self.gh.dtype))
@@ -382,7 +417,7 @@ class _Head:
         else:
             alpha = float(scale)
             if want_b:
-                self.gb.add_(g.sum(0), alpha=alpha)
+                self.gb.add_(g.sum(0) if gsum is None else gsum, alpha=alpha)
             g = g.to(self.mm_dtype)
             if want_h:
                 gh_rows = (g @ self.w_mm).to(self.gh.dtype).mul_(alpha)  # 1/N applied outside float16
@@ -391,8 +426,16 @@ class _Head:
         if want_w:
             if g.dtype == self.acc:
                 self.gw.addmm_(g.t(), h, alpha=alpha)
-            else:
+            elif ws is None:
                 self.gw.add_(g.t() @ h, alpha=alpha)
+            else:  # Gᵀh in the matmul dtype, accumulated in float32 block by block (cast in a cache-sized buffer)
+                big, small = ws
+                v, width = g.shape[1], h.shape[1]
+                prod = torch.mm(g.t(), h, out=big.get("gw", v, g.dtype, width))
+                step = _block_rows(width)
+                for r0 in range(0, v, step):
+                    blk = prod[r0 : r0 + step]
+                    self.gw[r0 : r0 + step].add_(small.get("gw", blk.shape[0], self.acc, width).copy_(blk), alpha=alpha)
 
     def grads(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """``(∂L/∂h, ∂L/∂W, ∂L/∂b)`` in :func:`_grad_dtype` of their inputs' dtypes (the caller casts)."""
@@ -407,6 +450,7 @@ class _Plan:
     """Everything the chunk loop needs besides the differentiable tensors."""
 
     rows_fn: Callable  # (z, u, idx, need_grad) -> (loss [c], grad [c, V] | None)
+    fast_fn: Callable | None  # the spec's in-place chunk_rows (may overwrite z, u; None = use rows_fn)
     teacher: object
     index: Tensor  # [N] class index per row (0 where ignored)
     chunks: list  # slices (all rows valid) or index tensors into the N rows
@@ -417,20 +461,78 @@ class _Plan:
 
     def run(self, tensors: tuple[Tensor | None, ...], scale: float | Tensor, want: tuple[bool, ...]):
         """Every chunk of ``tensors = (hidden, weight, bias)``: per-row losses ``[N]`` and the
-        gradients ``(∂h, ∂W, ∂b)`` scaled by ``scale`` (:class:`_Head`)."""
-        hidden = tensors[0]
+        gradients ``(∂h, ∂W, ∂b)`` scaled by ``scale`` (:class:`_Head`). A chunk goes through the
+        spec's in-place kernel (:func:`_fast_chunk`) when it has one, else (or when a row is not
+        finite) through its ``rows()``."""
+        hidden, weight = tensors[0], tensors[1]
         head = _Head(*tensors, self.mm_dtype, want)
+        need_grad = any(want)
+        v = weight.shape[0]
+        rows_max = max((c.stop - c.start if isinstance(c, slice) else c.numel() for c in self.chunks), default=1)
+        big = Workspace(rows_max, v, hidden.device)  # chunk-sized buffers (logits, bf16 Gᵀh)
+        small = Workspace(min(rows_max, _block_rows(v)), v, hidden.device)  # block-sized (the kernels' temporaries)
         per_row = torch.zeros(hidden.shape[0], dtype=self.cdtype, device=hidden.device)
         for sel in self.chunks:
-            h, z = head.logits(sel, self.cdtype)
-            u = self.teacher.rows(sel, self.cdtype)
-            loss, g = self.rows_fn(z, u, _take(self.index, sel), any(want))  # ignored rows are never in a chunk
-            del z, u
+            idx = _take(self.index, sel)  # ignored rows are never in a chunk
+            rs = _take(scale, sel) if isinstance(scale, Tensor) else None
+            h = _take(hidden, sel).to(self.mm_dtype)
+            fast = None
+            if self.fast_fn is not None:
+                fast = _fast_chunk(self, h, head.w_mm, head.b_mm, sel, idx, need_grad, big, small, rs, want[2])
+            if fast is None:
+                z = _linear(h, head.w_mm, head.b_mm).to(self.cdtype)
+                u = self.teacher.rows(sel, self.cdtype)
+                loss, g = self.rows_fn(z, u, idx, need_grad)
+                del z, u
+                gsum = None
+            else:
+                loss, g, gsum = fast
+            del fast
             _put(per_row, sel, loss)
             if g is not None:
-                head.fold(sel, h, g, scale)
+                head.fold(sel, h, g, scale, gsum=gsum, ws=(big, small))
             del g
         return per_row, head.grads()
+
+
+_BLOCK_ELEMENTS = 2**20  # rows of a chunk the in-place kernels take at once: ≈ 4 MiB per float32 buffer, cache-sized
+_BLOCK_ROWS_MIN = 8
+
+
+def _block_rows(vocab: int) -> int:
+    """Rows per block of a chunk for the in-place kernels: ``max(8, 2**20 // V)``."""
+    return max(_BLOCK_ROWS_MIN, _BLOCK_ELEMENTS // max(vocab, 1))
+
+
+def _fast_chunk(plan: _Plan, h: Tensor, w_mm: Tensor, b_mm: Tensor | None, sel: slice | Tensor, idx: Tensor, need_grad: bool,
+                big: Workspace, small: Workspace, rs: Tensor | None, want_b: bool):
+    """One chunk by the spec's in-place kernel: the logits of the whole chunk by one matmul each
+    (student, teacher), the kernel on blocks of :func:`_block_rows` rows (its passes over a block
+    stay in cache; bf16/float16 logits are cast block by block into float32 buffers). Returns
+    ``(loss [c], G [c, V] in the matmul dtype | None, Σ_rows G (weighted by ``rs``) | None)``, the
+    gradient written into the student logits' buffer; or ``None`` when a block has a non-finite row."""
+    c, cdtype = h.shape[0], plan.cdtype
+    zb = _linear(h, w_mm, b_mm, big.get("z", c, w_mm.dtype))
+    ub, owned = plan.teacher.chunk(sel, cdtype, big)
+    loss = torch.empty(c, dtype=cdtype, device=h.device)
+    gsum = torch.zeros(zb.shape[1], dtype=cdtype, device=h.device) if need_grad and want_b else None
+    step = _block_rows(zb.shape[1])
+    for r0 in range(0, c, step):
+        r = slice(r0, min(r0 + step, c))
+        nr = r.stop - r0
+        zs = zb[r] if zb.dtype == cdtype else small.get("z", nr, cdtype).copy_(zb[r])
+        us = ub[r] if owned and ub.dtype == cdtype else small.get("u", nr, cdtype).copy_(ub[r])
+        out = plan.fast_fn(zs, us, idx[r], need_grad, ws=small)
+        if out is None:
+            return None
+        loss[r], g = out
+        if g is None:
+            continue
+        if gsum is not None:
+            gsum.add_(g.sum(0) if rs is None else rs[r].to(g.dtype) @ g)
+        if g.data_ptr() != zb[r].data_ptr() or g.dtype != zb.dtype:
+            zb[r].copy_(g)
+    return loss, (zb if need_grad else None), gsum
 
 
 class _FusedLinearLossFn(torch.autograd.Function):
@@ -512,15 +614,17 @@ def fused_linear_loss(spec: LossSpec, hidden: Tensor, weight: Tensor, teacher: T
     t = _parse_target(target, lead, vocab, ignore_index)
     prepared = teacher.prepare(lead, vocab, device, spec.min_topk(getattr(teacher, "rest", "zero")))
     n = math.prod(lead)
-    index, count, chunks = row_chunks(t, n, ignore_index, chunk_size or default_chunk_size(vocab), device)
+    mm_dtype = _mm_dtype(device, hidden, weight, *(() if bias is None else (bias,)))
+    index, count, chunks = row_chunks(t, n, ignore_index, chunk_size or default_chunk_size(vocab, mm_dtype), device)
     plan = _Plan(
         rows_fn=_spec_rows(spec, float(ce_weight)),
+        fast_fn=_fast_rows(spec, float(ce_weight)),
         teacher=prepared,
         index=index,
         chunks=chunks,
         count=count,
         cdtype=compute_dtype(torch.promote_types(hidden.dtype, weight.dtype)),
-        mm_dtype=_mm_dtype(device, hidden, weight, *(() if bias is None else (bias,))),
+        mm_dtype=mm_dtype,
         reduction=reduction,
     )
     grad_on = torch.is_grad_enabled()

@@ -59,8 +59,12 @@ the incoming gradient, so a loss scale (``GradScaler``'s 2**16) neither overflow
 them. The losses are once differentiable: backward with ``create_graph=True`` raises.
 
 Hard integer labels only (``target`` ``[...]``, ``ignore_index`` rows left out of the mean). The
-default ``chunk_size`` keeps one ``[chunk, V]`` float32 buffer near 32 MiB:
-``max(1, 2**23 // V)`` rows (262 rows at ``V = 32000``, 65 at ``V = 128256``).
+default ``chunk_size`` is ``max(1, min(512, 2**27 // (V·itemsize)))`` rows, ``itemsize`` that of the
+matmul dtype: 512 rows, fewer where one ``[chunk, V]`` logits buffer would pass 128 MiB (float32:
+512 rows at ``V = 32000``, 261 at ``V = 128256``; bf16: 512 at both). Fewer rows per chunk re-read
+both LM heads more often (four matmuls per chunk), which costs more than the memory saved; the loss
+maths runs on blocks of ``max(8, 2**20 // V)`` rows of a chunk, whose buffers stay in cache
+(``benchmarks/RESULTS.md``, issue 19).
 """
 
 from __future__ import annotations

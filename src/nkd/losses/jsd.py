@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import _inplace
 from .spec import LossSpec, RowOut, hp, in_range, positive, register_loss
 
 __all__ = ["jsd_loss", "JSDLoss", "JSD"]
@@ -76,6 +77,14 @@ class JSD(LossSpec):
         if r.valid is not None:
             grad.mul_(r.valid[:, None])
         return RowOut(loss, grad)
+
+    def chunk_rows(self, z, u, idx, need_grad, ce_weight: float = 0.0, ws=None):
+        lam, beta = float(self.temperature), float(self.beta)
+        if beta == 0.0:
+            return _inplace.forward_kl(z, u, idx, need_grad, lam, 1.0, 1.0 / lam, ce_weight=ce_weight, ws=ws)
+        if beta == 1.0:
+            return _inplace.reverse_kl(z, u, idx, need_grad, lam, ce_weight=ce_weight, ws=ws)
+        return _inplace.skew_jsd(z, u, idx, need_grad, lam, beta, ce_weight=ce_weight, ws=ws)
 
 
 jsd_loss = JSD.function

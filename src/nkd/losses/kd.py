@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import _inplace
 from .spec import LossSpec, RowOut, hp, positive, register_loss
 
 __all__ = ["kd_loss", "KDLoss", "KD"]
@@ -91,6 +92,10 @@ class KD(LossSpec):
     def rows(self, z, u, r, need_grad, ce_weight: float = 0.0):
         loss, grad = _kd_rows(z, u, r.index, r.valid, float(self.temperature), need_grad, ce_weight=ce_weight)
         return RowOut(loss, grad)
+
+    def chunk_rows(self, z, u, idx, need_grad, ce_weight: float = 0.0, ws=None):
+        lam = float(self.temperature)
+        return _inplace.forward_kl(z, u, idx, need_grad, lam, lam * lam, lam, ce_weight=ce_weight, ws=ws)
 
 
 kd_loss = KD.function

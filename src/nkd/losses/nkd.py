@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import _inplace
 from .spec import LossSpec, RowOut, hp, nonnegative, positive, register_loss
 
 __all__ = ["nkd_loss", "NKDLoss", "NKD"]
@@ -122,6 +123,9 @@ class NKD(LossSpec):
         loss, grad = _nkd_rows(z, u, r.index, r.valid, float(self.temperature), float(self.gamma), need_grad,
                                ce_weight=ce_weight, parts=parts)
         return RowOut(loss, grad, parts)
+
+    def chunk_rows(self, z, u, idx, need_grad, ce_weight: float = 0.0, ws=None):
+        return _inplace.nkd(z, u, idx, need_grad, float(self.temperature), float(self.gamma), ce_weight=ce_weight, ws=ws)
 
 
 nkd_loss = NKD.function

@@ -176,6 +176,15 @@ class LossSpec(Checked):
         """
         raise NotImplementedError
 
+    def chunk_rows(self, z: Tensor, u: Tensor, idx: Tensor, need_grad: bool, ce_weight: float = 0.0,
+                   ws: Any = None) -> tuple | None:
+        """The chunked driver's fast form of :meth:`rows` (+ ``ce_weight·CE``) on a chunk whose rows are
+        all valid, allowed to overwrite ``z`` and ``u`` (buffers the driver owns) and to take its
+        temporaries from the workspace ``ws``: ``(loss [c], grad [c, V] | None)``, or ``None`` to
+        have the driver recompute the chunk and run :meth:`rows` (a spec without one returns
+        ``None``; kernels: :mod:`nkd.losses._inplace`)."""
+        return None
+
 
 def common_checks(spec: type[LossSpec] | LossSpec, reduction: object, ignore_index: object) -> None:
     """The checks every loss call shares, written once: ``reduction`` among the spec's reductions,
