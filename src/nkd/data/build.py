@@ -68,17 +68,12 @@ class Loaders:
         directly (bitwise the batches of a full pass); a ``DataLoader`` loads and drops the skipped
         batches (the same samples in the same order — its sampler's order is a function of (seed,
         epoch) — but random augmentations come from fresh worker seeds). ``with_index``: batches
-        are ``(x, y, dataset indices)`` (in-memory datasets only, :attr:`has_index`)."""
+        are ``(x, y, dataset indices)`` (in-memory datasets only)."""
         if hasattr(self.train, "iterate"):
             return self.train.iterate(start_step, with_index=with_index)
         if with_index:
             raise ValueError("sample indices are available for in-memory datasets only (not imagenet_folder)")
         return itertools.islice(iter(self.train), start_step, None)
-
-    @property
-    def has_index(self) -> bool:
-        """Whether :meth:`train_batches` can give each sample's dataset index."""
-        return hasattr(self.train, "iterate")
 
     @property
     def train_labels(self) -> Tensor | None:

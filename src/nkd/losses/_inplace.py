@@ -67,17 +67,27 @@ def _add_ce_grad(grad: Tensor, s: Tensor, l1: Tensor | None, col: Tensor, w: flo
     return grad.scatter_add_(1, col, torch.full((col.shape[0], 1), -w, dtype=grad.dtype, device=grad.device))
 
 
-def forward_kl(z: Tensor, u: Tensor, idx: Tensor, need_grad: bool, lam: float, loss_scale: float, grad_scale: float,
-               ce_weight: float = 0.0, ws: Workspace | None = None):
-    r"""``loss_scale·KL(T^λ ‖ S^λ) + w·(−log S_t)`` per row and its gradient
-    ``grad_scale·(S^λ − T^λ) + w·(S − e_t)`` (KD: scales ``λ²``, ``λ``; JSD at β = 0: ``1``, ``1/λ``)."""
-    col, w = idx[:, None], ce_weight
+def _log_probs(z: Tensor, u: Tensor, idx: Tensor, lam: float, w: float, ws: Workspace | None):
+    """What the KL-type kernels start from: ``log S^λ`` and ``log T^λ`` in place of ``z``, ``u``; the
+    target column ``col``; the cross-entropy's ``log S`` at temperature 1 (:func:`_ce_log_softmax`)
+    and its ``log S_t`` (``None`` without a cross-entropy)."""
+    col = idx[:, None]
     l1 = _ce_log_softmax(z, lam, w, ws)
     if lam != 1.0:
         z.div_(lam)
         u.div_(lam)
     ls = _log_softmax_(z)
     lt = _log_softmax_(u)
+    logs_t = (ls if l1 is None else l1).gather(1, col).squeeze(1) if w else None
+    return col, l1, ls, lt, logs_t
+
+
+def forward_kl(z: Tensor, u: Tensor, idx: Tensor, need_grad: bool, lam: float, loss_scale: float, grad_scale: float,
+               ce_weight: float = 0.0, ws: Workspace | None = None):
+    r"""``loss_scale·KL(T^λ ‖ S^λ) + w·(−log S_t)`` per row and its gradient
+    ``grad_scale·(S^λ − T^λ) + w·(S − e_t)`` (KD: scales ``λ²``, ``λ``; JSD at β = 0: ``1``, ``1/λ``)."""
+    w = ce_weight
+    col, l1, ls, lt, logs_t = _log_probs(z, u, idx, lam, w, ws)
     t = torch.exp(lt, out=_buf(ws, "t", lt))
     kl = lt.sub_(ls).mul_(t).sum(-1)  # Σ T (log T − log S)
     del lt
@@ -85,7 +95,6 @@ def forward_kl(z: Tensor, u: Tensor, idx: Tensor, need_grad: bool, lam: float, l
         return None
     loss = kl.mul_(loss_scale) if loss_scale != 1.0 else kl
     if w:
-        logs_t = (ls if l1 is None else l1).gather(1, col).squeeze(1)
         loss = loss.sub_(logs_t, alpha=w)
     if not need_grad:
         return loss, None
@@ -107,14 +116,8 @@ def reverse_kl(z: Tensor, u: Tensor, idx: Tensor, need_grad: bool, lam: float, c
                ws: Workspace | None = None):
     r"""``KL(S^λ ‖ T^λ)`` per row and its gradient ``(1/λ)·S ⊙ (g − KL)`` with ``g = log S − log T``
     (+ ``w·(−log S_t)`` and ``w·(S − e_t)``)."""
-    col, w = idx[:, None], ce_weight
-    l1 = _ce_log_softmax(z, lam, w, ws)
-    if lam != 1.0:
-        z.div_(lam)
-        u.div_(lam)
-    ls = _log_softmax_(z)
-    lt = _log_softmax_(u)
-    logs_t = (ls if l1 is None else l1).gather(1, col).squeeze(1) if w else None
+    w = ce_weight
+    col, l1, ls, lt, logs_t = _log_probs(z, u, idx, lam, w, ws)
     s = torch.exp(ls, out=_buf(ws, "s", ls))
     g = ls.sub_(lt)  # log S − log T
     kl = torch.mul(g, s, out=lt).sum(-1)  # into u's buffer, free now
@@ -135,14 +138,8 @@ def skew_jsd(z: Tensor, u: Tensor, idx: Tensor, need_grad: bool, lam: float, bet
     r"""``β·KL(T ‖ M) + (1−β)·KL(S ‖ M)``, ``M = β·T + (1−β)·S``, per row, and its gradient
     ``((1−β)/λ)·S ⊙ (d − KL_S)`` with ``d = log S − log M`` (``Σ S g`` of :mod:`nkd.losses.jsd` is
     ``(1−β)·KL_S``; + ``w·(−log S_t)`` and ``w·(S − e_t)``)."""
-    col, w = idx[:, None], ce_weight
-    l1 = _ce_log_softmax(z, lam, w, ws)
-    if lam != 1.0:
-        z.div_(lam)
-        u.div_(lam)
-    ls = _log_softmax_(z)
-    lt = _log_softmax_(u)
-    logs_t = (ls if l1 is None else l1).gather(1, col).squeeze(1) if w else None
+    w = ce_weight
+    col, l1, ls, lt, logs_t = _log_probs(z, u, idx, lam, w, ws)
     s = torch.exp(ls, out=_buf(ws, "s", ls))
     t = torch.exp(lt, out=_buf(ws, "t", lt))
     lm = torch.lerp(s, t, beta, out=_buf(ws, "m", s)).log_()  # log M

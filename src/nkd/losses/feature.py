@@ -29,6 +29,7 @@ All compute in at least float32 (autocast off; float64 inputs stay float64).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -37,15 +38,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._common import compute_dtype, no_autocast
+
 __all__ = ["ABF", "CRDMemory", "ConvRegressor", "Embed", "at_loss", "attention_map", "crd_nce_loss", "hcl_loss",
            "hint_loss", "rkd_loss"]
 
 
 def _f32(*xs: Tensor) -> list[Tensor]:
-    """The tensors in their common dtype, at least float32 (half-precision activations are promoted)."""
-    dtype = torch.float32
-    for x in xs:
-        dtype = torch.promote_types(dtype, x.dtype)
+    """The tensors in one compute dtype (:func:`~nkd.losses._common.compute_dtype`: float64 stays
+    float64, every other float type — half-precision activations included — is computed in float32)."""
+    dtype = compute_dtype(functools.reduce(torch.promote_types, [x.dtype for x in xs]))
     return [x.to(dtype) for x in xs]
 
 
@@ -65,7 +67,7 @@ def hint_loss(s: Tensor, t: Tensor) -> Tensor:
     if s.shape != t.shape:
         raise ValueError(f"hint_loss: the regressed student map must have the teacher's shape, got {tuple(s.shape)} "
                          f"and {tuple(t.shape)}")
-    with torch.autocast(s.device.type, enabled=False):
+    with no_autocast(s):
         s, t = _f32(s, t)
         return F.mse_loss(s, t)
 
@@ -80,7 +82,7 @@ def _sum_over_levels(name: str, s_feats: Sequence[Tensor], t_feats: Sequence[Ten
     if len(s_feats) != len(t_feats) or not len(s_feats):
         raise ValueError(f"{name}: expected as many student as teacher maps (≥ 1), got {len(s_feats)} and {len(t_feats)}")
     total = None
-    with torch.autocast(s_feats[0].device.type, enabled=False):
+    with no_autocast(s_feats[0]):
         for s, t in zip(s_feats, t_feats):
             _check_pair(name, s, t, ndim=4)
             value = term(*_f32(s, t))
@@ -124,7 +126,7 @@ def rkd_loss(s: Tensor, t: Tensor, *, distance_weight: float = 25.0, angle_weigh
     _check_pair("rkd_loss", s, t)
     if s.shape[0] < 2:
         raise ValueError(f"rkd_loss: relations need at least 2 samples in the batch, got {s.shape[0]}")
-    with torch.autocast(s.device.type, enabled=False):
+    with no_autocast(s):
         s, t = _f32(s.reshape(s.shape[0], -1), t.reshape(t.shape[0], -1).detach())
         with torch.no_grad():
             td = _pdist(t, squared, eps)
