@@ -24,12 +24,16 @@ epoch=)``, sum of the loss dict, backward, step) and its ``adjust_learning_rate`
     python benchmarks/peers.py --data ../shared/data/cifar10-jpg.tar.gz --mdistiller /path/to/mdistiller \\
         [--train-images 5000 --epochs 15 --seeds 0,1,2,3,4 --methods kd,dkd --jobs 2]
 
-Writes ``benchmarks/peers/results.json`` (every run: top-1, training CPU seconds, steps).
+Each finished run is appended to ``benchmarks/peers/runs.jsonl`` as it ends (top-1, training CPU
+seconds, steps, the CPU model and a digest of the teacher checkpoint), so a stopped benchmark keeps
+what it measured; ``--summarize`` prints the paired table from that file, one block per teacher
+(runs are paired only with runs that distilled the same teacher).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -215,12 +219,37 @@ def spawn(job: dict) -> dict:
     return {**{k: job[k] for k in ("pipeline", "method", "seed") if k in job}, **json.loads(line[7:])}
 
 
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+
+
 def summarize(runs: list[dict]) -> str:
+    blocks = {}
+    for r in runs:
+        blocks.setdefault((r.get("teacher", "?"), r.get("cpu", "?")), []).append(r)
+    return "\n\n".join(f"teacher {t} on {c}:\n" + summarize_block(rs) for (t, c), rs in blocks.items())
+
+
+def summarize_block(runs: list[dict]) -> str:
     lines = ["| method | nkd top-1 | mdistiller top-1 | paired nkd − mdistiller | t (df) | CPU s / step nkd | "
              "mdistiller | ratio |", "|---|---|---|---|---|---|---|---|"]
     for method in dict.fromkeys(r["method"] for r in runs):
         by = {(r["pipeline"], r["seed"]): r for r in runs if r["method"] == method}
         seeds = sorted({s for _, s in by if ("nkd", s) in by and ("mdistiller", s) in by})
+        if not seeds:
+            continue
         a = [by["nkd", s]["top1"] for s in seeds]
         b = [by["mdistiller", s]["top1"] for s in seeds]
         d = [x - y for x, y in zip(a, b)]
@@ -230,7 +259,7 @@ def summarize(runs: list[dict]) -> str:
         def sd_(x):
             return statistics.stdev(x) if len(x) > 1 else float("nan")
 
-        lines.append(f"| {method} ({len(seeds)} seeds) | {statistics.mean(a):.2f} ± {sd_(a):.2f} | "
+        lines.append(f"| {method} (seeds {', '.join(map(str, seeds))}) | {statistics.mean(a):.2f} ± {sd_(a):.2f} | "
                      f"{statistics.mean(b):.2f} ± {sd_(b):.2f} | {statistics.mean(d):+.2f} ± {sd:.2f} | "
                      f"{t:.2f} ({len(d) - 1}) | {step[0]:.3f} | {step[1]:.3f} | {step[0] / step[1]:.2f} |")
     return "\n".join(lines)
@@ -247,10 +276,14 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2,3,4")
     ap.add_argument("--methods", default="kd,dkd")
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--summarize", action="store_true", help="print the paired table from benchmarks/peers/runs.jsonl and exit")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return child(args)
+    log = OUT / "runs.jsonl"
+    if args.summarize:
+        return print(summarize([json.loads(x) for x in log.read_text().splitlines() if x.strip()]))
     args.work.mkdir(parents=True, exist_ok=True)
     data = prepare_data(args.data, args.work, args.train_images)
     runs_dir = args.work / f"runs-{args.train_images}-{args.epochs}"
@@ -258,6 +291,7 @@ def main() -> None:
     if not (runs_dir / "teacher" / "summary.json").is_file():  # written when the teacher's run has finished
         cfg = nkd_config(data, runs_dir / "teacher", model="resnet56", method="ce", params={}, epochs=args.teacher_epochs,
                          seed=0)
+        cfg["train"]["threads"] = args.jobs  # nothing else runs yet
         print("teacher:", spawn({"pipeline": "nkd", "method": "ce", "seed": 0, "cfg": cfg}), flush=True)
     import torch
 
@@ -281,14 +315,16 @@ def main() -> None:
             jobs.append({"pipeline": "mdistiller", "method": method, "seed": seed, "params": params,
                          "epochs": args.epochs, "init": str(init), "teacher": str(teacher), "data": str(data),
                          "mdistiller": str(args.mdistiller)})
+    tag = {"teacher": digest(teacher), "cpu": cpu_model()}
     runs = []
+    OUT.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(args.jobs) as pool:
         for r in pool.map(spawn, jobs):
+            r = {**r, **tag}
             print(json.dumps(r), flush=True)
+            with log.open("a") as f:
+                f.write(json.dumps(r) + "\n")
             runs.append(r)
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": runs},
-                                                 indent=1))
     print(summarize(runs))
 
 
