@@ -2,7 +2,7 @@
 
 mdistiller is not on PyPI: point ``--mdistiller`` at a checkout or a git directory of
 ``megvii-research/mdistiller`` (the figures in RESULTS.md: commit a08d46f). Its distiller files
-are copied into a temporary package outside this repository and imported from there; the one
+are unpacked into a temporary folder outside this repository and imported from there; the one
 patch is at run time, not in its files: ``AliasMethod.cuda`` is made a no-op so CRD's memory builds
 on a CPU. Compared: AT, RKD, ReviewKD's HCL and ABF fusion, FitNet's regressor + hint, CRD's
 memory + NCE over three steps (scores, loss, gradients, banks), each as the largest relative
@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -28,28 +26,19 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import _mdistiller  # noqa: E402
 from nkd.losses.feature import ABF, ConvRegressor, CRDMemory, at_loss, crd_nce_loss, hcl_loss, hint_loss, rkd_loss  # noqa: E402
 
 D = torch.float64
+NAMES = ("_common", "AT", "RKD", "ReviewKD", "FitNet", "CRD")
 
 
 def load_distillers(source: Path, into: Path):
-    """mdistiller's ``distillers`` package, copied from a checkout or read from a git directory."""
-    pkg = into / "mdx_distillers"
-    pkg.mkdir()
-    names = ["_base.py", "_common.py", "AT.py", "RKD.py", "ReviewKD.py", "FitNet.py", "CRD.py"]
-    for name in names:
-        rel = f"mdistiller/distillers/{name}"
-        if (source / rel).is_file():
-            shutil.copy(source / rel, pkg / name)
-        else:
-            text = subprocess.run(["git", "--git-dir", str(source), "show", f"HEAD:{rel}"], capture_output=True,
-                                  text=True, check=True).stdout
-            (pkg / name).write_text(text)
-    (pkg / "__init__.py").write_text("")
-    sys.path.insert(0, str(into))
-    mods = {n[:-3]: importlib.import_module(f"mdx_distillers.{n[:-3]}") for n in names}
+    """mdistiller's distiller modules, from its package unpacked under ``into``."""
+    _mdistiller.unpack(source, into)
+    mods = {n: importlib.import_module(f"mdistiller.distillers.{n}") for n in NAMES}
     mods["CRD"].AliasMethod.cuda = lambda self: None  # run-time patch: CRD's sampler on the CPU
     return mods
 
