@@ -16,8 +16,9 @@ once by nkd on the subset) is shared. Differences are reported paired by seed (m
 ``nkd − mdistiller`` and the paired t statistic) next to each pipeline's mean ± std.
 
 mdistiller is not on PyPI: ``--mdistiller`` points at its checkout or git directory (RESULTS.md:
-commit a08d46f). Its ``models/cifar/resnet.py``, ``distillers/{_base,KD,DKD}.py`` are copied to a
-temporary package outside this repository and used unmodified; what is not used is its CUDA
+commit a08d46f). Its package is unpacked into a temporary folder outside this repository
+(``_mdistiller.py``) and its ``models/cifar/resnet.py`` and ``distillers/{_base,KD,DKD}.py`` are used
+unmodified; what is not used is its CUDA
 trainer class: the loop below is its ``train_iter`` (zero_grad, ``distiller(image=, target=,
 epoch=)``, sum of the loss dict, backward, step) and its ``adjust_learning_rate``, on the CPU.
 
@@ -126,23 +127,14 @@ def run_nkd(cfg: dict) -> dict:
 
 # ----------------------------------------------------------------------------- mdistiller
 def load_mdistiller(source: Path, into: Path):
-    pkg = into / "mdx"
-    for rel in ("models/cifar/resnet.py", "distillers/_base.py", "distillers/KD.py", "distillers/DKD.py"):
-        dst = pkg / rel.replace("/", "_")
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if (source / "mdistiller" / rel).is_file():
-            shutil.copy(source / "mdistiller" / rel, dst)
-        else:
-            dst.write_text(subprocess.run(["git", "--git-dir", str(source), "show", f"HEAD:mdistiller/{rel}"],
-                                          capture_output=True, text=True, check=True).stdout)
-    (pkg / "__init__.py").write_text("")
-    for name in ("KD", "DKD"):  # `from ._base import Distiller` → the copied module
-        f = pkg / f"distillers_{name}.py"
-        f.write_text(f.read_text().replace("from ._base import", "from .distillers__base import"))
-    sys.path.insert(0, str(into))
+    """mdistiller's CIFAR ResNets and its KD / DKD distillers, from its package unpacked under ``into``."""
     import importlib
 
-    return {n: importlib.import_module(f"mdx.{n}") for n in ("models_cifar_resnet", "distillers_KD", "distillers_DKD")}
+    import _mdistiller
+
+    _mdistiller.unpack(source, into)
+    names = {"models_cifar_resnet": "models.cifar.resnet", "distillers_KD": "distillers.KD", "distillers_DKD": "distillers.DKD"}
+    return {k: importlib.import_module(f"mdistiller.{v}") for k, v in names.items()}
 
 
 def run_mdistiller(source: Path, data: Path, method: str, params: dict, epochs: int, seed: int, init: str,
@@ -211,7 +203,7 @@ def child(args) -> None:
 
 
 def spawn(job: dict) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT / "benchmarks")]))
     r = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], capture_output=True, text=True, env=env)
     line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
     if line is None:
@@ -235,34 +227,53 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
 
 
+def paired(d: list[float]) -> str:
+    """``mean ± std`` of the paired differences, t (df) and the 95 % confidence interval of the mean."""
+    from scipy.stats import t as student_t
+
+    if len(d) < 2:
+        return f"{d[0]:+.2f} (n=1) | – | –"
+    m, sd = statistics.mean(d), statistics.stdev(d)
+    half = student_t.ppf(0.975, len(d) - 1) * sd / math.sqrt(len(d))
+    t = m / (sd / math.sqrt(len(d))) if sd > 0 else float("nan")
+    return f"{m:+.2f} ± {sd:.2f} | {t:.2f} ({len(d) - 1}) | [{m - half:+.2f}, {m + half:+.2f}]"
+
+
+def pairs(runs: list[dict], method: str) -> tuple[list, list, list]:
+    """Seeds with both pipelines' run for ``method`` (within one block of runs), and their top-1."""
+    by = {(r["pipeline"], r["seed"]): r for r in runs if r["method"] == method}
+    seeds = sorted({s for _, s in by if ("nkd", s) in by and ("mdistiller", s) in by})
+    return seeds, [by["nkd", s] for s in seeds], [by["mdistiller", s] for s in seeds]
+
+
 def summarize(runs: list[dict]) -> str:
-    blocks = {}
+    """One table per block (teacher × CPU: runs pair only within a block), then each method's paired
+    differences pooled over the blocks (a difference is taken within its pair, so the blocks' other
+    differences — teacher, CPU — cancel in it)."""
+    blocks: dict[tuple[str, str], list[dict]] = {}
     for r in runs:
         blocks.setdefault((r.get("teacher", "?"), r.get("cpu", "?")), []).append(r)
-    return "\n\n".join(f"teacher {t} on {c}:\n" + summarize_block(rs) for (t, c), rs in blocks.items())
-
-
-def summarize_block(runs: list[dict]) -> str:
-    lines = ["| method | nkd top-1 | mdistiller top-1 | paired nkd − mdistiller | t (df) | CPU s / step nkd | "
-             "mdistiller | ratio |", "|---|---|---|---|---|---|---|---|"]
-    for method in dict.fromkeys(r["method"] for r in runs):
-        by = {(r["pipeline"], r["seed"]): r for r in runs if r["method"] == method}
-        seeds = sorted({s for _, s in by if ("nkd", s) in by and ("mdistiller", s) in by})
-        if not seeds:
-            continue
-        a = [by["nkd", s]["top1"] for s in seeds]
-        b = [by["mdistiller", s]["top1"] for s in seeds]
-        d = [x - y for x, y in zip(a, b)]
-        sd = statistics.stdev(d) if len(d) > 1 else float("nan")
-        t = statistics.mean(d) / (sd / math.sqrt(len(d))) if len(d) > 1 and sd > 0 else float("nan")
-        step = [statistics.mean(by[p, s]["cpu_s"] / by[p, s]["steps"] for s in seeds) for p in ("nkd", "mdistiller")]
-        def sd_(x):
-            return statistics.stdev(x) if len(x) > 1 else float("nan")
-
-        lines.append(f"| {method} (seeds {', '.join(map(str, seeds))}) | {statistics.mean(a):.2f} ± {sd_(a):.2f} | "
-                     f"{statistics.mean(b):.2f} ± {sd_(b):.2f} | {statistics.mean(d):+.2f} ± {sd:.2f} | "
-                     f"{t:.2f} ({len(d) - 1}) | {step[0]:.3f} | {step[1]:.3f} | {step[0] / step[1]:.2f} |")
-    return "\n".join(lines)
+    out, pooled = [], {}
+    for (teacher, cpu), rs in blocks.items():
+        lines = [f"teacher {teacher} on {cpu}:", "| method | nkd top-1 | mdistiller top-1 | paired nkd − mdistiller | t (df) | "
+                 "95 % CI | CPU s / step nkd | mdistiller | ratio |", "|---|---|---|---|---|---|---|---|---|"]
+        for method in dict.fromkeys(r["method"] for r in rs):
+            seeds, a, b = pairs(rs, method)
+            if not seeds:
+                continue
+            pooled.setdefault(method, []).extend(x["top1"] - y["top1"] for x, y in zip(a, b))
+            ta, tb = [x["top1"] for x in a], [y["top1"] for y in b]
+            step = [statistics.mean(r["cpu_s"] / r["steps"] for r in side) for side in (a, b)]
+            sd = [f"{statistics.stdev(x):.2f}" if len(x) > 1 else "–" for x in (ta, tb)]
+            lines.append(f"| {method} (seeds {', '.join(map(str, seeds))}) | {statistics.mean(ta):.2f} ± {sd[0]} | "
+                         f"{statistics.mean(tb):.2f} ± {sd[1]} | {paired([x - y for x, y in zip(ta, tb)])} | "
+                         f"{step[0]:.3f} | {step[1]:.3f} | {step[0] / step[1]:.2f} |")
+        out.append("\n".join(lines))
+    if len(blocks) > 1:
+        lines = ["pooled over the blocks:", "| method | pairs | paired nkd − mdistiller | t (df) | 95 % CI |", "|---|---|---|---|---|"]
+        lines += [f"| {m} | {len(d)} | {paired(d)} |" for m, d in pooled.items()]
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
 
 
 def main() -> None:
