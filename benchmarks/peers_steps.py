@@ -14,6 +14,9 @@ CRD's 16,384 negatives inside its step while mdistiller's loader draws them per 
 (``CIFAR100InstanceSample``); that loader work is timed separately and reported, not added.
 
     python benchmarks/peers_steps.py --mdistiller /path/to/mdistiller[.git] [--steps 10 --rounds 5]
+
+Besides nkd's ``[dev]`` extra it needs what mdistiller's own modules import: ``pip install yacs
+tensorboardX`` (benchmark-only; never a dependency of nkd).
 """
 
 from __future__ import annotations
