@@ -26,6 +26,16 @@ def unpack(source: Path, into: Path) -> Path:
     return into
 
 
+def crd_on_cpu():
+    """mdistiller's ``distillers/CRD.py`` module with the one run-time patch the peer scripts apply:
+    ``AliasMethod.cuda`` is a no-op, so CRD's negative sampler builds on a CPU (its files stay as they are)."""
+    import importlib
+
+    module = importlib.import_module("mdistiller.distillers.CRD")  # the package's `CRD` attribute is the class
+    module.AliasMethod.cuda = lambda self: None
+    return module
+
+
 def commit(source: Path) -> str:
     """The short commit of ``source`` (a checkout or a git directory)."""
     args = ["git", "-C", str(source)] if (source / "mdistiller").is_dir() else ["git", "--git-dir", str(source)]

@@ -203,24 +203,12 @@ def child(args) -> None:
 
 
 def spawn(job: dict) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT / "benchmarks")]))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))  # the script's folder (benchmarks/) is on sys.path
     r = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], capture_output=True, text=True, env=env)
     line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
     if line is None:
         raise RuntimeError(f"{job['pipeline']} {job.get('method')} seed {job.get('seed')} failed:\n{r.stderr[-3000:]}")
     return {**{k: job[k] for k in ("pipeline", "method", "seed") if k in job}, **json.loads(line[7:])}
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 def digest(path: Path) -> str:
@@ -240,7 +228,7 @@ def paired(d: list[float]) -> str:
 
 
 def pairs(runs: list[dict], method: str) -> tuple[list, list, list]:
-    """Seeds with both pipelines' run for ``method`` (within one block of runs), and their top-1."""
+    """Seeds with both pipelines' run for ``method`` (within one block of runs), and those runs (nkd's, mdistiller's)."""
     by = {(r["pipeline"], r["seed"]): r for r in runs if r["method"] == method}
     seeds = sorted({s for _, s in by if ("nkd", s) in by and ("mdistiller", s) in by})
     return seeds, [by["nkd", s] for s in seeds], [by["mdistiller", s] for s in seeds]
@@ -326,6 +314,8 @@ def main() -> None:
             jobs.append({"pipeline": "mdistiller", "method": method, "seed": seed, "params": params,
                          "epochs": args.epochs, "init": str(init), "teacher": str(teacher), "data": str(data),
                          "mdistiller": str(args.mdistiller)})
+    from nkd.engine.step import cpu_model
+
     tag = {"teacher": digest(teacher), "cpu": cpu_model()}
     runs = []
     OUT.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import _mdistiller  # noqa: E402
 from nkd.losses.feature import ABF, ConvRegressor, CRDMemory, at_loss, crd_nce_loss, hcl_loss, hint_loss, rkd_loss  # noqa: E402
@@ -38,9 +37,8 @@ NAMES = ("_common", "AT", "RKD", "ReviewKD", "FitNet", "CRD")
 def load_distillers(source: Path, into: Path):
     """mdistiller's distiller modules, from its package unpacked under ``into``."""
     _mdistiller.unpack(source, into)
-    mods = {n: importlib.import_module(f"mdistiller.distillers.{n}") for n in NAMES}
-    mods["CRD"].AliasMethod.cuda = lambda self: None  # run-time patch: CRD's sampler on the CPU
-    return mods
+    return {n: _mdistiller.crd_on_cpu() if n == "CRD" else importlib.import_module(f"mdistiller.distillers.{n}")
+            for n in NAMES}
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

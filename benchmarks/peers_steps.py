@@ -22,7 +22,6 @@ tensorboardX`` (benchmark-only; never a dependency of nkd).
 from __future__ import annotations
 
 import argparse
-import importlib
 import statistics
 import sys
 import tempfile
@@ -34,7 +33,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import _mdistiller  # noqa: E402
 
@@ -70,8 +68,7 @@ def mdx_step(method: str, root: Path, trainer, labels: torch.Tensor):
     from mdistiller.engine.cfg import CFG
     from mdistiller.models.cifar import cifar_model_dict
 
-    crd_module = importlib.import_module("mdistiller.distillers.CRD")  # the package's `CRD` is the class
-    crd_module.AliasMethod.cuda = lambda self: None  # run-time patch: CRD's sampler stays on the CPU
+    _mdistiller.crd_on_cpu()
     cfg = CFG.clone()
     cfg.merge_from_file(str(root / "configs" / "cifar100" / MDX_CONFIG[method]))
     student = cifar_model_dict[cfg.DISTILLER.STUDENT][0](num_classes=CLASSES)
@@ -86,7 +83,7 @@ def mdx_step(method: str, root: Path, trainer, labels: torch.Tensor):
                           weight_decay=cfg.SOLVER.WEIGHT_DECAY)
     k = cfg.CRD.NCE.K
     y_np = labels.numpy()
-    cls_negative = [np.flatnonzero(y_np != c) for c in range(CLASSES)]
+    cls_negative = [np.flatnonzero(y_np != c) for c in range(CLASSES)] if kind == "CRD" else []  # CRD's loader only
 
     def negatives(idx, y):  # what its CIFAR100InstanceSample.__getitem__ does per sample ("exact" mode)
         return torch.from_numpy(np.stack([np.hstack((np.asarray([int(i)]),
